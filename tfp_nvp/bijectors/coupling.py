@@ -1,0 +1,325 @@
+"""RealNVP affine coupling as a TFP bijector whose conditioner is a Keras network."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfp_nvp.bijectors._base import KerasParameterizedBijector, ParameterLayer, as_shape
+
+__all__ = ["AffineCoupling", "VECTOR_MASKS", "IMAGE_MASKS", "LOG_SCALE_BOUNDS"]
+
+VECTOR_MASKS = ("half", "alternate")
+IMAGE_MASKS = ("checkerboard", "channel")
+LOG_SCALE_BOUNDS = ("tanh", "sigmoid", "none")
+
+# sigmoid(h + 2) is GLOW's scale; dividing by sigmoid(2) makes h = 0 the identity, as DESIGN.md §4 asks.
+_LOG_SIGMOID_2 = -math.log1p(math.exp(-2.0))
+
+
+class AffineCoupling(KerasParameterizedBijector):
+    r"""RealNVP affine coupling (Dinh et al., 2017) with a Keras conditioner network.
+
+    The event `x` is split by a mask into a conditioning part `x_a` and a transformed part `x_b`:
+
+        forward (latent -> data):  y_a = x_a,  y_b = x_b * exp(s(x_a)) + t(x_a)
+        inverse (data -> latent):  x_a = y_a,  x_b = (y_b - t(y_a)) * exp(-s(y_a))
+        log|det dy/dx| = sum(s(x_a))  over the event,   and   log|det dx/dy| = -sum(s(y_a)).
+
+    The log-scale is bounded: `"tanh"` gives `s = scale * tanh(h)` with a learnable per-dimension (per-channel
+    for images) `scale` (RealNVP paper); `"sigmoid"` gives `s = log sigmoid(h + 2) - log sigmoid(2)` (GLOW's
+    bounded scale, shifted so `h = 0` is the identity); `"none"` uses `s = h`.
+
+    Masks. Vector events `[D]`: `"half"` conditions on the first `D // 2` entries, `"alternate"` on the even
+    indices; odd `D` is fine. Image events `[H, W, C]`: `"checkerboard"` conditions on pixels with even `h + w`
+    (all channels), `"channel"` on the first `C // 2` channels. `flip=True` swaps the roles, so alternating
+    `flip` between layers transforms every entry. An explicit 0/1 array of the event shape (1 = conditioning)
+    is accepted too.
+
+    The network sees `x_a` with shape `[N] + network_input_shape` (batch dimensions of any rank are flattened
+    into `N`) and returns `(shift, log_scale)`, each `[N] + param_shape`, or one tensor whose last axis holds
+    both (shift first). Any Keras 3 layer or model, tf_keras model or plain callable works; a
+    `tfp_nvp.networks` network with `output_units`/`output_channels` left `None` is sized here. With
+    `conditional_shape` set, the network is called as `network(x_a, conditional_input=c)` and `c` reaches
+    the bijector through `bijector_kwargs={name: {"conditional_input": c}}` (see `tfp_nvp.conditional_kwargs`).
+
+    The network is built at construction and every weight, including `scale`, is visible to both TFP
+    (`trainable_variables`) and Keras (`keras_layers`, tracked by `tfp_nvp.FlowModel`).
+
+    Example:
+      >>> bij = AffineCoupling(event_shape=[2], mask="half", hidden_units=(64, 64))
+      >>> y = bij.forward(tf.random.normal([10, 2]))
+    """
+
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        network: keras.layers.Layer | Callable | None = None,
+        mask: str | np.ndarray = "half",
+        flip: bool = False,
+        log_scale_bound: str = "tanh",
+        hidden_units: Sequence[int] = (128, 128),
+        conditional_shape: Sequence[int] | None = None,
+        dtype=tf.float32,
+        validate_args: bool = False,
+        name: str = "affine_coupling",
+    ):
+        parameters = dict(locals())
+        event_shape = as_shape(event_shape, "event_shape", rank=(1, 3))
+        dtype = tf.as_dtype(dtype)
+        if not dtype.is_floating:
+            raise ValueError(f"`dtype` must be a floating dtype such as tf.float32; got {dtype.name}.")
+        if log_scale_bound not in LOG_SCALE_BOUNDS:
+            raise ValueError(f"`log_scale_bound` must be one of {LOG_SCALE_BOUNDS}; got {log_scale_bound!r}.")
+        self._event_shape_ = event_shape
+        self._flip = bool(flip)
+        self._log_scale_bound = log_scale_bound
+        self._conditional_shape = (
+            None if conditional_shape is None else as_shape(conditional_shape, "conditional_shape", rank=1)
+        )
+        with tf.name_scope(name) as name:
+            self._setup_mask(mask, event_shape)
+            network = self._setup_network(network, hidden_units, dtype, name)
+            holder = ParameterLayer(name=f"{name.rstrip('/')}_params", dtype=dtype.name)
+            if log_scale_bound == "tanh":
+                scale_shape = self._param_shape[-1:] if len(event_shape) == 3 else self._param_shape
+                holder.add("scale", scale_shape, "ones")
+            self._holder = holder
+            self._network = network
+            self._check_network(dtype)
+            # TFP keys its cache on `parameters`: the network and the parameter layer are unique per
+            # instance, so two equal-config couplings never return each other's cached results.
+            parameters["network"] = network
+            parameters["parameter_layer"] = holder
+            self._track_layers([network, holder])
+            super().__init__(
+                forward_min_event_ndims=len(event_shape),
+                is_constant_jacobian=False,
+                validate_args=validate_args,
+                parameters=parameters,
+                dtype=dtype,
+                name=name,
+            )
+
+    # ----------------------------------------------------------------------------------------- setup
+    def _setup_mask(self, mask, event_shape):
+        rank = len(event_shape)
+        if isinstance(mask, str):
+            allowed = VECTOR_MASKS if rank == 1 else IMAGE_MASKS
+            if mask not in allowed:
+                kind = "vector events [D]" if rank == 1 else "image events [H, W, C]"
+                raise ValueError(f"`mask` for {kind} must be one of {allowed} or a 0/1 array; got {mask!r}.")
+            if rank == 1:
+                d = event_shape[0]
+                idx = np.arange(d)
+                keep = idx < d // 2 if mask == "half" else idx % 2 == 0
+            elif mask == "channel":
+                c = event_shape[-1]
+                keep = np.arange(c) < c // 2
+            else:
+                h, w, c = event_shape
+                keep = np.broadcast_to(((np.arange(h)[:, None] + np.arange(w)[None, :]) % 2 == 0)[..., None], (h, w, c))
+            self._mask_name = mask
+        else:
+            keep = np.asarray(mask)
+            expected = event_shape if rank == 1 else (event_shape, event_shape[-1:])
+            if keep.shape != tuple(event_shape) and not (rank == 3 and keep.shape == event_shape[-1:]):
+                raise ValueError(f"`mask` array must have shape {expected} (1 = conditioning); got {keep.shape}.")
+            if not np.all((keep == 0) | (keep == 1)):
+                raise ValueError("`mask` array must contain only 0 and 1.")
+            keep = keep.astype(bool)
+            self._mask_name = "custom"
+        if self._flip:
+            keep = ~keep
+        if keep.all() or not keep.any():
+            raise ValueError(
+                f"`mask` leaves nothing to {'transform' if keep.all() else 'condition on'} for event_shape "
+                f"{event_shape}: a coupling needs at least one entry on each side."
+            )
+        if keep.ndim == 1:  # split along the last axis by index: the network sees only x_a
+            self._gather = True
+            self._idx_a = np.flatnonzero(keep)
+            self._idx_b = np.flatnonzero(~keep)
+            self._inv_perm = np.argsort(np.concatenate([self._idx_a, self._idx_b]))
+            self._identity_merge = bool(np.all(self._inv_perm == np.arange(keep.size)))
+            self._network_input_shape = tuple(event_shape[:-1]) + (self._idx_a.size,)
+            self._param_shape = tuple(event_shape[:-1]) + (self._idx_b.size,)
+        else:  # spatial mask: the network sees x * mask and its output is masked to the other side
+            self._gather = False
+            self._keep = keep
+            self._network_input_shape = tuple(event_shape)
+            self._param_shape = tuple(event_shape)
+
+    def _setup_network(self, network, hidden_units, dtype, name):
+        from tfp_nvp import networks  # local import keeps bijectors importable without the network zoo
+
+        out = self._param_shape[-1]
+        if network is None:
+            if len(self._event_shape_) == 1:
+                network = networks.DenseNetwork(hidden_units, output_units=out, dtype=dtype.name,
+                                                name=f"{name.rstrip('/')}_network")
+            else:
+                width = hidden_units if isinstance(hidden_units, int) else max(hidden_units)
+                network = networks.ConvResNet(hidden_channels=width, output_channels=out, dtype=dtype.name,
+                                              name=f"{name.rstrip('/')}_network")
+        elif isinstance(network, networks.DenseNetwork) and network.output_units is None:
+            network.output_units = out
+        elif isinstance(network, networks.ConvResNet) and network.output_channels is None:
+            network.output_channels = out
+        if not callable(network):
+            raise ValueError(f"`network` must be a Keras layer/model or a callable; got {type(network).__name__}.")
+        return network
+
+    def _check_network(self, dtype):
+        """Builds the network on a dummy batch and checks what it returns, so shape errors surface here."""
+        x_a = tf.zeros((2,) + self._network_input_shape, dtype)
+        c = None if self._conditional_shape is None else tf.zeros((2,) + self._conditional_shape, dtype)
+        try:
+            shift, log_scale = self._split_output(self._call_network(x_a, c))
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - re-raised with the contract spelled out
+            raise ValueError(
+                f"`network` failed on an input of shape {[2, *self._network_input_shape]}"
+                + ("" if c is None else f" with conditional_input of shape {[2, *self._conditional_shape]}")
+                + f": {type(e).__name__}: {e}"
+            ) from e
+        expected = [2, *self._param_shape]
+        for label, t in (("shift", shift), ("log_scale", log_scale)):
+            if list(t.shape) != expected:
+                raise ValueError(
+                    f"`network` must return (shift, log_scale) each of shape [batch, *{list(self._param_shape)}] "
+                    f"for input [batch, *{list(self._network_input_shape)}]; its {label} has shape "
+                    f"{list(t.shape)} for input {[2, *self._network_input_shape]}."
+                )
+
+    def _call_network(self, x_a, conditional_input):
+        if conditional_input is None:
+            return self._network(x_a)
+        return self._network(x_a, conditional_input=conditional_input)
+
+    def _split_output(self, out):
+        if isinstance(out, (tuple, list)) and len(out) == 2:
+            return tf.convert_to_tensor(out[0]), tf.convert_to_tensor(out[1])
+        if isinstance(out, (tuple, list)) or not hasattr(out, "shape"):
+            raise ValueError("`network` must return (shift, log_scale) or one tensor holding both on its last axis.")
+        out = tf.convert_to_tensor(out)
+        if out.shape[-1] != 2 * self._param_shape[-1]:
+            raise ValueError(
+                f"`network` returned one tensor of shape {list(out.shape)}; a single output must have last axis "
+                f"2 * {self._param_shape[-1]} (shift then log_scale), or return a (shift, log_scale) pair."
+            )
+        return tf.split(out, 2, axis=-1)
+
+    # ----------------------------------------------------------------------------------------- properties
+    @property
+    def network(self):
+        """The conditioner network."""
+        return self._network
+
+    @property
+    def scale(self):
+        """The learnable bound of the `"tanh"` log-scale, or `None`."""
+        return getattr(self._holder, "scale", None)
+
+    @property
+    def network_input_shape(self) -> tuple[int, ...]:
+        """Per-example shape the network receives."""
+        return self._network_input_shape
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        """Per-example shape of `shift` and `log_scale`."""
+        return self._param_shape
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return self._event_shape_
+
+    # ----------------------------------------------------------------------------------------- math
+    def _check_event(self, x, arg):
+        tail = x.shape[-len(self._event_shape_):] if x.shape.rank is not None else None
+        if tail is not None and (x.shape.rank < len(self._event_shape_) or
+                                 not tail.is_compatible_with(self._event_shape_)):
+            raise ValueError(
+                f"`{arg}` must have shape [..., {', '.join(map(str, self._event_shape_))}] for {self.name}; "
+                f"got {x.shape}."
+            )
+
+    def _split(self, x):
+        if self._gather:
+            return tf.gather(x, self._idx_a, axis=-1), tf.gather(x, self._idx_b, axis=-1)
+        keep = tf.constant(self._keep, x.dtype)
+        return x * keep, x
+
+    def _merge(self, a, b):
+        if not self._gather:
+            return b
+        merged = tf.concat([a, b], axis=-1)
+        return merged if self._identity_merge else tf.gather(merged, self._inv_perm, axis=-1)
+
+    def _shift_log_scale(self, x_a, conditional_input):
+        """Runs the network on the conditioning part, whatever the batch rank, and bounds the log-scale."""
+        n_event = len(self._event_shape_)
+        batch_shape = tf.shape(x_a)[:-n_event]
+        flat = tf.reshape(x_a, tf.concat([[-1], self._network_input_shape], 0))
+        c = None
+        if conditional_input is not None:
+            c = tf.convert_to_tensor(conditional_input, dtype=x_a.dtype)
+            if c.shape.rank is not None and c.shape[-1:] != self._conditional_shape:
+                raise ValueError(
+                    f"`conditional_input` must have shape [..., {self._conditional_shape[0]}]; got {c.shape}."
+                )
+            batch_shape = tf.broadcast_dynamic_shape(batch_shape, tf.shape(c)[:-1])
+            c = tf.reshape(tf.broadcast_to(c, tf.concat([batch_shape, self._conditional_shape], 0)),
+                           [-1, self._conditional_shape[0]])
+            flat = tf.reshape(tf.broadcast_to(x_a, tf.concat([batch_shape, self._network_input_shape], 0)),
+                              tf.concat([[-1], self._network_input_shape], 0))
+        elif self._conditional_shape is not None:
+            raise ValueError(
+                f"{self.name} was built with conditional_shape={list(self._conditional_shape)}: pass "
+                f"bijector_kwargs={{'{self.name}': {{'conditional_input': c}}}} (see tfp_nvp.conditional_kwargs)."
+            )
+        shift, h = self._split_output(self._call_network(flat, c))
+        shape = tf.concat([batch_shape, self._param_shape], 0)
+        shift = tf.reshape(tf.cast(shift, x_a.dtype), shape)
+        h = tf.reshape(tf.cast(h, x_a.dtype), shape)
+        if self._log_scale_bound == "tanh":
+            log_scale = tf.cast(self._holder.scale.value, x_a.dtype) * tf.tanh(h)
+        elif self._log_scale_bound == "sigmoid":
+            log_scale = tf.math.log_sigmoid(h + 2.0) - tf.cast(_LOG_SIGMOID_2, h.dtype)
+        else:
+            log_scale = h
+        if not self._gather:
+            free = tf.constant(~self._keep, x_a.dtype)
+            shift, log_scale = shift * free, log_scale * free
+        return shift, log_scale
+
+    def _reduce_event(self, t):
+        return tf.reduce_sum(t, axis=list(range(-len(self._event_shape_), 0)))
+
+    def _forward(self, x, conditional_input=None):
+        self._check_event(x, "x")
+        a, b = self._split(x)
+        shift, log_scale = self._shift_log_scale(a, conditional_input)
+        return self._merge(a, b * tf.exp(log_scale) + shift)
+
+    def _inverse(self, y, conditional_input=None):
+        self._check_event(y, "y")
+        a, b = self._split(y)
+        shift, log_scale = self._shift_log_scale(a, conditional_input)
+        return self._merge(a, (b - shift) * tf.exp(-log_scale))
+
+    def _forward_log_det_jacobian(self, x, conditional_input=None):
+        self._check_event(x, "x")
+        a, _ = self._split(x)
+        return self._reduce_event(self._shift_log_scale(a, conditional_input)[1])
+
+    def _inverse_log_det_jacobian(self, y, conditional_input=None):
+        self._check_event(y, "y")
+        a, _ = self._split(y)
+        return -self._reduce_event(self._shift_log_scale(a, conditional_input)[1])

@@ -1,0 +1,135 @@
+"""Builders that chain bijectors into `tfd.TransformedDistribution`s."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tfp_nvp.bijectors import AffineCoupling
+from tfp_nvp.bijectors._base import as_shape
+from tfp_nvp.networks import ConvResNet, DenseNetwork
+
+tfb, tfd = tfp.bijectors, tfp.distributions
+
+__all__ = ["real_nvp", "standard_normal", "conditional_kwargs", "flow_bijectors", "BUILDERS"]
+
+
+def standard_normal(event_shape: Sequence[int], dtype=tf.float32) -> tfd.Distribution:
+    """`N(0, I)` with the given event shape (the default base of every builder)."""
+    event_shape = as_shape(event_shape, "event_shape")
+    zeros = tf.zeros(event_shape, dtype=dtype)
+    return tfd.Independent(tfd.Normal(zeros, tf.ones_like(zeros)), reinterpreted_batch_ndims=len(event_shape))
+
+
+def _check_base(base, event_shape, dtype):
+    if base is None:
+        return standard_normal(event_shape, dtype)
+    if not isinstance(base, tfd.Distribution):
+        raise ValueError(f"`base_distribution` must be a tfd.Distribution; got {type(base).__name__}.")
+    if tuple(base.event_shape.as_list()) != tuple(event_shape):
+        raise ValueError(
+            f"`base_distribution` must have event_shape {list(event_shape)}; got {base.event_shape}."
+        )
+    return base
+
+
+def _remember(dist, builder: str, config: dict):
+    # FlowModel.get_config needs to rebuild the same flow when a `.keras` file is loaded.
+    dist._tfp_nvp_spec = {"builder": builder, "config": config}
+    return dist
+
+
+def real_nvp(
+    event_shape: Sequence[int],
+    num_coupling_layers: int = 8,
+    hidden_units: Sequence[int] = (128, 128),
+    mask: str | None = None,
+    log_scale_bound: str = "tanh",
+    separate_towers: bool = False,
+    activation: str = "relu",
+    l2: float = 0.0,
+    num_blocks: int = 2,
+    conditional_shape: Sequence[int] | None = None,
+    base_distribution: tfd.Distribution | None = None,
+    dtype: str = "float32",
+    seed: int | None = None,
+    name: str = "real_nvp",
+) -> tfd.TransformedDistribution:
+    """RealNVP: a chain of affine couplings whose mask flips from layer to layer.
+
+    Vector events `[D]` use dense networks (`hidden_units`, `activation`, `separate_towers`); image events
+    `[H, W, C]` use convolutional ResNets (`hidden_units[0]` channels, `num_blocks` residual blocks).
+    `mask` defaults to `"half"` for vectors and `"checkerboard"` for images. Couplings are named
+    `f"{name}_coupling_{i}"`; with `conditional_shape` set, pass the condition with
+    `bijector_kwargs=tfp_nvp.conditional_kwargs(flow, c)`.
+
+    Returns a `tfd.TransformedDistribution` (base `N(0, I)` unless `base_distribution` is given) whose
+    `sample`, `log_prob` and `prob` come from TFP; `forward` maps base samples to data.
+
+    Example:
+      >>> flow = real_nvp([2], num_coupling_layers=6, hidden_units=(64, 64))
+      >>> flow.log_prob(flow.sample(3, seed=1)).shape
+      TensorShape([3])
+    """
+    event_shape = as_shape(event_shape, "event_shape", rank=(1, 3))
+    if isinstance(num_coupling_layers, bool) or int(num_coupling_layers) != num_coupling_layers \
+            or num_coupling_layers <= 0:
+        raise ValueError(f"`num_coupling_layers` must be a positive integer; got {num_coupling_layers!r}.")
+    hidden = (hidden_units,) if isinstance(hidden_units, int) else tuple(hidden_units)
+    config = dict(
+        event_shape=list(event_shape), num_coupling_layers=int(num_coupling_layers), hidden_units=list(hidden),
+        mask=mask, log_scale_bound=log_scale_bound, separate_towers=separate_towers, activation=activation,
+        l2=l2, num_blocks=num_blocks,
+        conditional_shape=None if conditional_shape is None else list(conditional_shape),
+        dtype=dtype, seed=seed, name=name,
+    )
+    image = len(event_shape) == 3
+    mask = mask or ("checkerboard" if image else "half")
+    base = _check_base(base_distribution, event_shape, dtype)
+    couplings = []
+    for i in range(int(num_coupling_layers)):
+        layer_seed = None if seed is None else int(seed) + 1000 * i
+        if image:
+            net = ConvResNet(hidden_channels=max(hidden), num_blocks=num_blocks, l2=l2, seed=layer_seed,
+                             dtype=dtype, name=f"{name}_net_{i}")
+        else:
+            net = DenseNetwork(hidden, activation=activation, separate_towers=separate_towers, l2=l2,
+                               seed=layer_seed, dtype=dtype, name=f"{name}_net_{i}")
+        couplings.append(
+            AffineCoupling(event_shape, network=net, mask=mask, flip=i % 2 == 1, log_scale_bound=log_scale_bound,
+                           conditional_shape=conditional_shape, dtype=dtype, name=f"{name}_coupling_{i}")
+        )
+    # tfb.Chain applies its list right to left: forward runs coupling_0 last, inverse (density) runs it first.
+    chain = tfb.Chain(list(reversed(couplings)), name=name)
+    dist = tfd.TransformedDistribution(base, chain, name=name)
+    if base_distribution is not None:
+        config["base_distribution"] = "custom"
+    return _remember(dist, "real_nvp", config)
+
+
+BUILDERS = {"real_nvp": real_nvp}
+
+
+def flow_bijectors(flow) -> list:
+    """Every bijector inside `flow` (a distribution or bijector), outermost first."""
+    root = flow.bijector if isinstance(flow, tfd.TransformedDistribution) else flow
+    return [m for m in (root, *root.submodules) if isinstance(m, tfb.Bijector)]
+
+
+def conditional_kwargs(flow, conditional_input) -> dict:
+    """The `bijector_kwargs` that route `conditional_input` to every conditional bijector of `flow`.
+
+    `tfb.Chain` routes keyword arguments by bijector name, so this maps each conditional bijector's name to
+    `{"conditional_input": conditional_input}`:
+
+      >>> flow.log_prob(x, bijector_kwargs=conditional_kwargs(flow, c))
+      >>> flow.sample(5, bijector_kwargs=conditional_kwargs(flow, c))
+    """
+    names = [b.name for b in flow_bijectors(flow) if getattr(b, "_conditional_shape", None) is not None]
+    if not names:
+        raise ValueError("`flow` has no conditional bijectors: build it with `conditional_shape=`.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"conditional bijectors must have unique names to be routed; got {names}.")
+    return {n: {"conditional_input": conditional_input} for n in names}

@@ -1,0 +1,206 @@
+"""Keras 3 networks that produce the `(shift, log_scale)` of an affine coupling.
+
+Both networks end in a zero-initialised layer, so a fresh coupling is exactly the identity (DESIGN.md §4),
+and both accept an optional `conditional_input` (a vector per example) concatenated to their input.
+Their `output_units` / `output_channels` may be left as `None`: `tfp_nvp.AffineCoupling` fills them in
+from the event shape and mask it is given.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+from keras import layers, ops
+
+__all__ = ["DenseNetwork", "ConvResNet"]
+
+
+def _regularizer(l2: float):
+    if l2 < 0:
+        raise ValueError(f"`l2` must be >= 0; got {l2}.")
+    return keras.regularizers.L2(l2) if l2 > 0 else None
+
+
+def _seeded(initializer: str, seed, offset: int):
+    init = keras.initializers.get(initializer)
+    if seed is not None:
+        init = init.__class__.from_config({**init.get_config(), "seed": int(seed) + offset})
+    return init
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) <= 0:
+        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+    return int(value)
+
+
+@keras.saving.register_keras_serializable(package="tfp_nvp")
+class DenseNetwork(keras.layers.Layer):
+    """MLP mapping the conditioning half `x_a` to `(shift, log_scale)` for the transformed half.
+
+    Args:
+      hidden_units: widths of the hidden layers, e.g. `(256, 256, 256, 256)` for the book's towers.
+      output_units: size of `shift` and of `log_scale`; `None` lets `AffineCoupling` set it.
+      activation: hidden activation.
+      separate_towers: `True` gives the book's layout (independent shift and log-scale MLPs); `False` one
+        shared trunk with a `2 * output_units` head (half the cost for the same width).
+      l2: L2 weight penalty on every kernel; it reaches `FlowModel`'s loss through `model.losses`.
+      seed: seed for the kernel initialisers (reproducible construction).
+
+    Example:
+      >>> net = DenseNetwork(hidden_units=(64, 64), output_units=1)
+      >>> shift, log_scale = net(keras.ops.zeros((5, 1)))
+    """
+
+    def __init__(
+        self,
+        hidden_units: Sequence[int] = (128, 128),
+        output_units: int | None = None,
+        activation: str = "relu",
+        separate_towers: bool = False,
+        l2: float = 0.0,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        hidden_units = (hidden_units,) if isinstance(hidden_units, int) else tuple(hidden_units)
+        if not hidden_units:
+            raise ValueError("`hidden_units` must name at least one hidden layer, e.g. (128, 128).")
+        self.hidden_units = tuple(_positive_int(h, "hidden_units") for h in hidden_units)
+        self.output_units = None if output_units is None else _positive_int(output_units, "output_units")
+        self.activation = activation
+        self.separate_towers = bool(separate_towers)
+        self.l2 = float(l2)
+        self.seed = seed
+        self._regularizer = _regularizer(self.l2)
+        self._towers = None
+
+    def _make_tower(self, out_units: int, offset: int):
+        tower = []
+        for i, units in enumerate(self.hidden_units):
+            tower.append(
+                layers.Dense(
+                    units,
+                    activation=self.activation,
+                    kernel_initializer=_seeded("glorot_uniform", self.seed, offset + i),
+                    kernel_regularizer=self._regularizer,
+                    dtype=self.dtype_policy,
+                )
+            )
+        # Zero-initialised head: the coupling starts as the identity.
+        tower.append(
+            layers.Dense(out_units, kernel_initializer="zeros", kernel_regularizer=self._regularizer,
+                         dtype=self.dtype_policy)
+        )
+        return tower
+
+    def build(self, input_shape):
+        if self.output_units is None:
+            raise ValueError("`output_units` is not set: give it, or let AffineCoupling set it.")
+        if self.separate_towers:
+            self._towers = [self._make_tower(self.output_units, 0), self._make_tower(self.output_units, 100)]
+        else:
+            self._towers = [self._make_tower(2 * self.output_units, 0)]
+        self.built = True
+
+    @staticmethod
+    def _run(tower, h):
+        for layer in tower:
+            h = layer(h)
+        return h
+
+    def call(self, inputs, conditional_input=None):
+        h = inputs if conditional_input is None else ops.concatenate([inputs, conditional_input], axis=-1)
+        if self.separate_towers:
+            return self._run(self._towers[0], h), self._run(self._towers[1], h)
+        out = self._run(self._towers[0], h)
+        return out[..., : self.output_units], out[..., self.output_units :]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_units": list(self.hidden_units),
+            "output_units": self.output_units,
+            "activation": self.activation,
+            "separate_towers": self.separate_towers,
+            "l2": self.l2,
+            "seed": self.seed,
+        }
+
+
+@keras.saving.register_keras_serializable(package="tfp_nvp")
+class ConvResNet(keras.layers.Layer):
+    """Convolutional ResNet for image couplings: `[N, H, W, C_in] -> (shift, log_scale)`, each `[N, H, W, C_out]`.
+
+    A 3x3 input convolution, `num_blocks` residual blocks (ReLU-3x3-ReLU-1x1, no batch norm: batch statistics
+    would make `forward` and `inverse` disagree between training and inference), ReLU, then a zero-initialised
+    3x3 head. A vector `conditional_input` is broadcast over H, W and concatenated to the input channels.
+
+    Example:
+      >>> net = ConvResNet(hidden_channels=32, num_blocks=1, output_channels=2)
+      >>> shift, log_scale = net(keras.ops.zeros((4, 8, 8, 2)))
+    """
+
+    def __init__(
+        self,
+        hidden_channels: int = 64,
+        num_blocks: int = 2,
+        output_channels: int | None = None,
+        kernel_size: int = 3,
+        l2: float = 0.0,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_channels = _positive_int(hidden_channels, "hidden_channels")
+        if isinstance(num_blocks, bool) or int(num_blocks) != num_blocks or num_blocks < 0:
+            raise ValueError(f"`num_blocks` must be a non-negative integer; got {num_blocks!r}.")
+        self.num_blocks = int(num_blocks)
+        self.output_channels = None if output_channels is None else _positive_int(output_channels, "output_channels")
+        self.kernel_size = _positive_int(kernel_size, "kernel_size")
+        self.l2 = float(l2)
+        self.seed = seed
+        self._regularizer = _regularizer(self.l2)
+
+    def _conv(self, filters, kernel, offset, zero=False):
+        return layers.Conv2D(
+            filters,
+            kernel,
+            padding="same",
+            kernel_initializer="zeros" if zero else _seeded("he_normal", self.seed, offset),
+            kernel_regularizer=self._regularizer,
+            dtype=self.dtype_policy,
+        )
+
+    def build(self, input_shape):
+        if self.output_channels is None:
+            raise ValueError("`output_channels` is not set: give it, or let AffineCoupling set it.")
+        k, h = self.kernel_size, self.hidden_channels
+        self._stem = self._conv(h, k, 0)
+        self._blocks = [(self._conv(h, k, 2 * i + 1), self._conv(h, 1, 2 * i + 2)) for i in range(self.num_blocks)]
+        self._head = self._conv(2 * self.output_channels, k, 0, zero=True)
+        self.built = True
+
+    def call(self, inputs, conditional_input=None):
+        x = inputs
+        if conditional_input is not None:
+            c = ops.reshape(conditional_input, (-1, 1, 1, conditional_input.shape[-1]))
+            c = ops.broadcast_to(c, (*ops.shape(x)[:3], conditional_input.shape[-1]))
+            x = ops.concatenate([x, ops.cast(c, x.dtype)], axis=-1)
+        h = self._stem(x)
+        for conv_a, conv_b in self._blocks:
+            h = h + conv_b(ops.relu(conv_a(ops.relu(h))))
+        out = self._head(ops.relu(h))
+        return out[..., : self.output_channels], out[..., self.output_channels :]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_channels": self.hidden_channels,
+            "num_blocks": self.num_blocks,
+            "output_channels": self.output_channels,
+            "kernel_size": self.kernel_size,
+            "l2": self.l2,
+            "seed": self.seed,
+        }
