@@ -1,0 +1,341 @@
+"""GLOW's multi-scale architecture: the learned split prior (`FactorOut`) and `OnChannels`.
+
+Together they let a whole multi-scale GLOW be one `tfd.TransformedDistribution` with a standard normal base
+whose event shape is the image shape. Reading a `tfb.Chain` list left to right follows the inverse (data ->
+latent) direction. For data `[8, 8, 1]` and two levels:
+
+    level_2 = tfb.Chain([tfb.Invert(Squeeze([4, 4, 2])),        # [4, 4, 2] -> [2, 2, 8]
+                         *steps([2, 2, 8]),
+                         Squeeze([4, 4, 2])])                    # [2, 2, 8] -> [4, 4, 2]
+    glow = tfb.Chain([tfb.Invert(Squeeze([8, 8, 1])),           # [8, 8, 1] -> [4, 4, 4]
+                      *steps([4, 4, 4]),
+                      FactorOut([4, 4, 4], num_exit_channels=2),  # channels 2:4 leave: z = (x - mu) / sigma
+                      OnChannels(level_2, 2, [4, 4, 4]),          # channels 0:2 go on to the next level
+                      Squeeze([8, 8, 1])])                        # [4, 4, 4] -> [8, 8, 1]
+    flow = tfd.TransformedDistribution(standard_normal([8, 8, 1]), glow)
+
+Every level maps its input shape to itself (it ends by undoing its own squeeze), which is what lets
+`OnChannels` put its output back next to the channels that left. The exited channels keep their place in the
+latent tensor, so the base `N(0, I)` over the whole `[8, 8, 1]` latent is exactly GLOW's product of
+per-level priors: the factored-out part is `N(mu(x_keep), sigma(x_keep)^2)` in data coordinates.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import keras
+import tensorflow as tf
+from tensorflow_probability import bijectors as tfb
+
+from tfp_nvp.bijectors._base import KerasParameterizedBijector, as_shape
+
+__all__ = ["FactorOut", "OnChannels"]
+
+
+def _check_event(bijector, x, arg, event_shape):
+    rank = len(event_shape)
+    if x.shape.rank is not None and (x.shape.rank < rank or not x.shape[-rank:].is_compatible_with(event_shape)):
+        raise ValueError(
+            f"`{arg}` must have shape [..., {', '.join(map(str, event_shape))}] for {bijector.name}; got {x.shape}."
+        )
+
+
+def _num_exit(channels: int, num_exit_channels, exit_fraction) -> int:
+    if num_exit_channels is not None and exit_fraction is not None:
+        raise ValueError("Give either `num_exit_channels` or `exit_fraction`, not both.")
+    if num_exit_channels is None:
+        fraction = 0.5 if exit_fraction is None else exit_fraction
+        if isinstance(fraction, bool) or not 0 < fraction < 1:
+            raise ValueError(f"`exit_fraction` must be in (0, 1); got {fraction!r}.")
+        exact = fraction * channels
+        if abs(exact - round(exact)) > 1e-9 or round(exact) < 1:
+            raise ValueError(
+                f"`exit_fraction`={fraction} of {channels} channels is {exact:g}: it must give a whole number "
+                f"of channels between 1 and {channels - 1}; use `num_exit_channels` instead."
+            )
+        return int(round(exact))
+    if isinstance(num_exit_channels, bool) or int(num_exit_channels) != num_exit_channels \
+            or not 1 <= num_exit_channels <= channels - 1:
+        raise ValueError(
+            f"`num_exit_channels` must be an integer between 1 and {channels - 1} for {channels} channels "
+            f"(at least one channel must stay and one leave); got {num_exit_channels!r}."
+        )
+    return int(num_exit_channels)
+
+
+class FactorOut(KerasParameterizedBijector):
+    r"""GLOW's split prior: the last channels leave the flow, modelled as a Gaussian given the channels that stay.
+
+    The event (`[H, W, C]`, or `[D]` with features as channels) is split on its last axis into the `k` kept
+    channels `x_keep = x[..., :k]` and the `e = C - k` exiting channels `x_exit = x[..., k:]`. A network maps
+    `x_keep` to a mean `mu` and log standard deviation `log_sigma`, each shaped like `x_exit`:
+
+        inverse (data -> latent):  z_exit = (x_exit - mu(x_keep)) * exp(-log_sigma(x_keep)),  z_keep = x_keep
+        forward (latent -> data):  x_exit = z_exit * exp(log_sigma(z_keep)) + mu(z_keep),     x_keep = z_keep
+        log|det dx/dz| = sum(log_sigma)  over the event,    log|det dz/dx| = -sum(log_sigma).
+
+    With a standard normal on `z_exit` this is exactly `x_exit ~ N(mu(x_keep), sigma(x_keep)^2)`: the learned
+    conditional prior of GLOW's multi-scale split, expressed as a bijector so the whole model stays one
+    `tfd.TransformedDistribution`. Later flow steps should act on `x_keep` only: wrap them in `OnChannels`
+    (see the module docstring for a full multi-scale chain). The shape is unchanged: `[H, W, C] -> [H, W, C]`.
+
+    Args:
+      event_shape: `[H, W, C]` (or `[D]`).
+      num_exit_channels: `e`, between 1 and `C - 1`; or
+      exit_fraction: `e / C`, which must give a whole number of channels (default 0.5 when neither is given).
+      network: maps `[N, H, W, k]` to `(mu, log_sigma)` each `[N, H, W, e]`, or to one tensor of `2e`
+        channels (mu first). Default: a single zero-initialised 3x3 `keras.layers.Conv2D` (GLOW's split
+        prior; a `Dense` layer for vectors), so a fresh layer is `N(0, 1)`. A `tfp_nvp.networks.ConvResNet`
+        / `DenseNetwork` with `output_channels` / `output_units` left `None` is sized here.
+
+    Example:
+      >>> split = FactorOut([4, 4, 4], exit_fraction=0.5)
+      >>> split.inverse(tf.random.normal([2, 4, 4, 4])).shape
+      TensorShape([2, 4, 4, 4])
+    """
+
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        num_exit_channels: int | None = None,
+        exit_fraction: float | None = None,
+        network: keras.layers.Layer | Callable | None = None,
+        dtype=tf.float32,
+        validate_args: bool = False,
+        name: str = "factor_out",
+    ):
+        parameters = dict(locals())
+        event_shape = as_shape(event_shape, "event_shape", rank=(1, 3))
+        dtype = tf.as_dtype(dtype)
+        if not dtype.is_floating:
+            raise ValueError(f"`dtype` must be a floating dtype such as tf.float32; got {dtype.name}.")
+        channels = event_shape[-1]
+        if channels < 2:
+            raise ValueError(
+                f"`event_shape` {list(event_shape)} has {channels} channel: factoring out needs at least 2 "
+                "(squeeze first)."
+            )
+        exit_channels = _num_exit(channels, num_exit_channels, exit_fraction)
+        self._event_shape_ = event_shape
+        self._num_keep = channels - exit_channels
+        self._num_exit = exit_channels
+        self._keep_shape = tuple(event_shape[:-1]) + (self._num_keep,)
+        self._exit_shape = tuple(event_shape[:-1]) + (exit_channels,)
+        with tf.name_scope(name) as name:
+            network = self._setup_network(network, dtype, name.rstrip("/"))
+            self._network = network
+            self._check_network(dtype)
+            # The network is unique per instance, so equal-config splits never share TFP's cache.
+            parameters["network"] = network
+            self._track_layers([network])
+            super().__init__(
+                forward_min_event_ndims=len(event_shape),
+                is_constant_jacobian=False,
+                validate_args=validate_args,
+                parameters=parameters,
+                dtype=dtype,
+                name=name,
+            )
+
+    def _setup_network(self, network, dtype, name):
+        from tfp_nvp import networks  # local import keeps bijectors importable without the network zoo
+
+        e = self._num_exit
+        if network is None:
+            if len(self._event_shape_) == 3:
+                network = keras.layers.Conv2D(2 * e, 3, padding="same", kernel_initializer="zeros",
+                                              dtype=dtype.name, name=f"{name}_prior")
+            else:
+                network = keras.layers.Dense(2 * e, kernel_initializer="zeros", dtype=dtype.name,
+                                             name=f"{name}_prior")
+        elif isinstance(network, networks.ConvResNet) and network.output_channels is None:
+            network.output_channels = e
+        elif isinstance(network, networks.DenseNetwork) and network.output_units is None:
+            network.output_units = e
+        if not callable(network):
+            raise ValueError(f"`network` must be a Keras layer/model or a callable; got {type(network).__name__}.")
+        return network
+
+    def _check_network(self, dtype):
+        x_keep = tf.zeros((2,) + self._keep_shape, dtype)
+        try:
+            mean, log_sigma = self._split_output(self._network(x_keep))
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - re-raised with the contract spelled out
+            raise ValueError(f"`network` failed on an input of shape {[2, *self._keep_shape]}: "
+                             f"{type(e).__name__}: {e}") from e
+        for label, t in (("mu", mean), ("log_sigma", log_sigma)):
+            if list(t.shape) != [2, *self._exit_shape]:
+                raise ValueError(
+                    f"`network` must return (mu, log_sigma) each of shape [batch, *{list(self._exit_shape)}] for "
+                    f"input [batch, *{list(self._keep_shape)}]; its {label} has shape {list(t.shape)}."
+                )
+
+    def _split_output(self, out):
+        if isinstance(out, (tuple, list)) and len(out) == 2:
+            return tf.convert_to_tensor(out[0]), tf.convert_to_tensor(out[1])
+        if isinstance(out, (tuple, list)) or not hasattr(out, "shape"):
+            raise ValueError("`network` must return (mu, log_sigma) or one tensor holding both on its last axis.")
+        out = tf.convert_to_tensor(out)
+        if out.shape[-1] != 2 * self._num_exit:
+            raise ValueError(
+                f"`network` returned one tensor of shape {list(out.shape)}; a single output must have last axis "
+                f"2 * {self._num_exit} (mu then log_sigma), or return a (mu, log_sigma) pair."
+            )
+        return tf.split(out, 2, axis=-1)
+
+    # ----------------------------------------------------------------------------------------- properties
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return self._event_shape_
+
+    @property
+    def num_keep_channels(self) -> int:
+        """`k`: the leading channels that stay in the flow."""
+        return self._num_keep
+
+    @property
+    def num_exit_channels(self) -> int:
+        """`e = C - k`: the trailing channels modelled by the conditional prior."""
+        return self._num_exit
+
+    @property
+    def network(self):
+        return self._network
+
+    # ----------------------------------------------------------------------------------------- math
+    def _prior(self, x_keep):
+        """(mu, log_sigma) for every batch member, whatever the batch rank."""
+        batch_shape = tf.shape(x_keep)[: -len(self._event_shape_)]
+        flat = tf.reshape(x_keep, (-1,) + self._keep_shape)
+        mean, log_sigma = self._split_output(self._network(flat))
+        shape = tf.concat([batch_shape, self._exit_shape], 0)
+        return tf.reshape(tf.cast(mean, x_keep.dtype), shape), tf.reshape(tf.cast(log_sigma, x_keep.dtype), shape)
+
+    def _reduce_event(self, t):
+        return tf.reduce_sum(t, axis=list(range(-len(self._event_shape_), 0)))
+
+    def _forward(self, x):
+        _check_event(self, x, "x", self._event_shape_)
+        keep, z_exit = x[..., : self._num_keep], x[..., self._num_keep:]
+        mean, log_sigma = self._prior(keep)
+        return tf.concat([keep, z_exit * tf.exp(log_sigma) + mean], axis=-1)
+
+    def _inverse(self, y):
+        _check_event(self, y, "y", self._event_shape_)
+        keep, x_exit = y[..., : self._num_keep], y[..., self._num_keep:]
+        mean, log_sigma = self._prior(keep)
+        return tf.concat([keep, (x_exit - mean) * tf.exp(-log_sigma)], axis=-1)
+
+    def _forward_log_det_jacobian(self, x):
+        _check_event(self, x, "x", self._event_shape_)
+        return self._reduce_event(self._prior(x[..., : self._num_keep])[1])
+
+    def _inverse_log_det_jacobian(self, y):
+        _check_event(self, y, "y", self._event_shape_)
+        return -self._reduce_event(self._prior(y[..., : self._num_keep])[1])
+
+
+class OnChannels(tfb.Bijector):
+    r"""Applies `bijector` to the first `num_channels` channels of the event and the identity to the rest.
+
+    For an event `[..., C]` (image `[H, W, C]` or vector `[D]`) and `k = num_channels`:
+
+        forward:  y = concat(bijector.forward(x[..., :k]), x[..., k:])
+        inverse:  x = concat(bijector.inverse(y[..., :k]), y[..., k:])
+        log|det dy/dx| = bijector.forward_log_det_jacobian(x[..., :k], event_ndims=len(event_shape)),
+
+    since the Jacobian is block diagonal with an identity block. This is how GLOW's later levels act only on the
+    channels a `FactorOut` kept. `bijector` must map `event_shape[:-1] + [k]` to itself; it may change the
+    shape on the way (a level squeezes, runs its steps and unsqueezes back: see the module docstring).
+    Keyword arguments (e.g. `tfb.Chain`'s name-routed `bijector_kwargs`) are passed on to `bijector`.
+
+    Example:
+      >>> inner = tfb.Chain([tfb.Invert(Squeeze([4, 4, 2])), ActNorm([2, 2, 8]), Squeeze([4, 4, 2])])
+      >>> OnChannels(inner, 2, [4, 4, 4]).forward(tf.zeros([5, 4, 4, 4])).shape
+      TensorShape([5, 4, 4, 4])
+    """
+
+    def __init__(self, bijector: tfb.Bijector, num_channels: int, event_shape: Sequence[int],
+                 validate_args: bool = False, name: str = "on_channels"):
+        parameters = dict(locals())
+        event_shape = as_shape(event_shape, "event_shape", rank=(1, 3))
+        if not isinstance(bijector, tfb.Bijector):
+            raise ValueError(f"`bijector` must be a tfb.Bijector; got {type(bijector).__name__}.")
+        channels = event_shape[-1]
+        if isinstance(num_channels, bool) or int(num_channels) != num_channels or not 1 <= num_channels <= channels:
+            raise ValueError(
+                f"`num_channels` must be an integer between 1 and {channels} for event_shape {list(event_shape)}; "
+                f"got {num_channels!r}."
+            )
+        k = int(num_channels)
+        inner_shape = tuple(event_shape[:-1]) + (k,)
+        rank = len(event_shape)
+        min_ndims = bijector.forward_min_event_ndims
+        if tf.nest.is_nested(min_ndims) or min_ndims is None or int(min_ndims) > rank:
+            raise ValueError(
+                f"`bijector` must act on events of rank <= {rank}; its forward_min_event_ndims is "
+                f"{bijector.forward_min_event_ndims}."
+            )
+        try:
+            out_shape = bijector.forward_event_shape(inner_shape)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"`bijector` cannot take the kept channels' shape {list(inner_shape)}: {e}") from e
+        if tuple(out_shape.as_list()) != inner_shape:
+            raise ValueError(
+                f"`bijector` must map the kept channels' shape {list(inner_shape)} to itself; it maps it to "
+                f"{out_shape.as_list()}. A level that squeezes must end by unsqueezing (Squeeze of the same shape)."
+            )
+        self._bijector = bijector
+        self._num_channels = k
+        self._event_shape_ = event_shape
+        with tf.name_scope(name) as name:
+            super().__init__(
+                forward_min_event_ndims=rank,
+                is_constant_jacobian=bijector.is_constant_jacobian,
+                validate_args=validate_args,
+                parameters=parameters,
+                dtype=bijector.dtype,
+                name=name,
+            )
+
+    @property
+    def bijector(self) -> tfb.Bijector:
+        return self._bijector
+
+    @property
+    def num_channels(self) -> int:
+        return self._num_channels
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return self._event_shape_
+
+    @classmethod
+    def _parameter_properties(cls, dtype, num_classes=None):
+        return dict()
+
+    def _split(self, x):
+        return x[..., : self._num_channels], x[..., self._num_channels:]
+
+    def _forward(self, x, **kwargs):
+        _check_event(self, x, "x", self._event_shape_)
+        inner, rest = self._split(x)
+        return tf.concat([self._bijector.forward(inner, **kwargs), rest], axis=-1)
+
+    def _inverse(self, y, **kwargs):
+        _check_event(self, y, "y", self._event_shape_)
+        inner, rest = self._split(y)
+        return tf.concat([self._bijector.inverse(inner, **kwargs), rest], axis=-1)
+
+    def _forward_log_det_jacobian(self, x, **kwargs):
+        _check_event(self, x, "x", self._event_shape_)
+        return self._bijector.forward_log_det_jacobian(
+            self._split(x)[0], event_ndims=len(self._event_shape_), **kwargs)
+
+    def _inverse_log_det_jacobian(self, y, **kwargs):
+        _check_event(self, y, "y", self._event_shape_)
+        return self._bijector.inverse_log_det_jacobian(
+            self._split(y)[0], event_ndims=len(self._event_shape_), **kwargs)
