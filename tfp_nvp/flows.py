@@ -7,13 +7,17 @@ from typing import Sequence
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_nvp.bijectors import AffineCoupling
 from tfp_nvp.bijectors._base import as_shape
+from tfp_nvp.bijectors.actnorm import ActNorm
+from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
+from tfp_nvp.bijectors.coupling import AffineCoupling
+from tfp_nvp.bijectors.factor_out import FactorOut, OnChannels
+from tfp_nvp.bijectors.squeeze import Squeeze
 from tfp_nvp.networks import ConvResNet, DenseNetwork
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
-__all__ = ["real_nvp", "standard_normal", "conditional_kwargs", "flow_bijectors", "BUILDERS"]
+__all__ = ["real_nvp", "glow", "standard_normal", "conditional_kwargs", "flow_bijectors", "BUILDERS"]
 
 
 def standard_normal(event_shape: Sequence[int], dtype=tf.float32) -> tfd.Distribution:
@@ -101,7 +105,8 @@ def real_nvp(
             AffineCoupling(event_shape, network=net, mask=mask, flip=i % 2 == 1, log_scale_bound=log_scale_bound,
                            conditional_shape=conditional_shape, dtype=dtype, name=f"{name}_coupling_{i}")
         )
-    # tfb.Chain applies its list right to left: forward runs coupling_0 last, inverse (density) runs it first.
+    # tfb.Chain's forward applies its list right to left, so sampling runs coupling_0 first and the density
+    # (inverse) pass runs it last.
     chain = tfb.Chain(list(reversed(couplings)), name=name)
     dist = tfd.TransformedDistribution(base, chain, name=name)
     if base_distribution is not None:
@@ -109,7 +114,99 @@ def real_nvp(
     return _remember(dist, "real_nvp", config)
 
 
-BUILDERS = {"real_nvp": real_nvp}
+def _positive(value, name):
+    if isinstance(value, bool) or int(value) != value or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+    return int(value)
+
+
+def glow(
+    image_shape: Sequence[int],
+    num_levels: int = 2,
+    num_steps_per_level: int = 4,
+    hidden_channels: int = 64,
+    num_blocks: int = 1,
+    exit_fraction: float = 0.5,
+    lu_decomposed: bool = True,
+    log_scale_bound: str = "sigmoid",
+    l2: float = 0.0,
+    base_distribution: tfd.Distribution | None = None,
+    dtype: str = "float32",
+    seed: int | None = None,
+    name: str = "glow",
+) -> tfd.TransformedDistribution:
+    """GLOW (Kingma & Dhariwal, 2018): a multi-scale flow of ActNorm -> invertible 1x1 conv -> affine coupling.
+
+    From data to latent, each level squeezes its input (2x2 space-to-depth), runs `num_steps_per_level` steps,
+    and, except at the last level, lets `exit_fraction` of the channels leave through a learned conditional
+    Gaussian (`FactorOut`, GLOW's split prior) while the next level runs on the kept channels (`OnChannels`).
+    Each level unsqueezes at its end, so the latent has `image_shape` and the whole model is one
+    `tfd.TransformedDistribution` with a standard normal base. Couplings use a channel mask and a
+    `tfp_nvp.networks.ConvResNet` (`hidden_channels`, `num_blocks`, zero-initialised head).
+
+    The model is meant for data in `[0, 1)` (see `tfp_nvp.images.dequantize`); ActNorm layers initialise from
+    the first data batch (`tfp_nvp.initialize`). H and W must be divisible by `2 ** num_levels`.
+
+    Example:
+      >>> flow = glow([8, 8, 1], num_levels=2, num_steps_per_level=2, hidden_channels=32)
+      >>> flow.sample(4, seed=0).shape
+      TensorShape([4, 8, 8, 1])
+    """
+    image_shape = as_shape(image_shape, "image_shape", rank=3)
+    num_levels = _positive(num_levels, "num_levels")
+    num_steps = _positive(num_steps_per_level, "num_steps_per_level")
+    hidden_channels = _positive(hidden_channels, "hidden_channels")
+    height, width, _ = image_shape
+    factor = 2 ** num_levels
+    if height % factor or width % factor:
+        raise ValueError(
+            f"`image_shape` {list(image_shape)}: H and W must be divisible by 2 ** num_levels = {factor} "
+            f"(num_levels={num_levels} squeezes halve them each time)."
+        )
+    if not 0.0 < exit_fraction < 1.0:
+        raise ValueError(f"`exit_fraction` must be in (0, 1); got {exit_fraction!r}.")
+    config = dict(
+        image_shape=list(image_shape), num_levels=num_levels, num_steps_per_level=num_steps,
+        hidden_channels=hidden_channels, num_blocks=num_blocks, exit_fraction=exit_fraction,
+        lu_decomposed=lu_decomposed, log_scale_bound=log_scale_bound, l2=l2, dtype=dtype, seed=seed, name=name,
+    )
+    counter = iter(range(10**6))
+
+    def next_seed():
+        return None if seed is None else int(seed) + 7919 * next(counter)
+
+    def level(shape, index):
+        squeeze = Squeeze(shape, name=f"{name}_l{index}_squeeze")
+        h, w, c = squeeze.forward_event_shape(shape).as_list()
+        inner = (h, w, c)
+        # Listed data side first: tfb.Chain's inverse (the density pass) runs left to right.
+        parts = [tfb.Invert(squeeze)]
+        for step in range(num_steps):
+            prefix = f"{name}_l{index}_s{step}"
+            net = ConvResNet(hidden_channels=hidden_channels, num_blocks=num_blocks, l2=l2, seed=next_seed(),
+                             dtype=dtype, name=f"{prefix}_net")
+            parts += [
+                ActNorm(inner, dtype=dtype, name=f"{prefix}_actnorm"),
+                Invertible1x1Conv(inner, lu_decomposed=lu_decomposed, seed=next_seed(), dtype=dtype,
+                                  name=f"{prefix}_conv1x1"),
+                AffineCoupling(inner, network=net, mask="channel", flip=step % 2 == 1,
+                               log_scale_bound=log_scale_bound, dtype=dtype, name=f"{prefix}_coupling"),
+            ]
+        if index < num_levels - 1:
+            split = FactorOut(inner, exit_fraction=exit_fraction, dtype=dtype, name=f"{name}_l{index}_split")
+            kept = c - split.num_exit_channels
+            parts += [split, OnChannels(level((h, w, kept), index + 1), kept, inner, name=f"{name}_l{index}_next")]
+        parts.append(squeeze)
+        return tfb.Chain(parts, name=f"{name}_level_{index}")
+
+    base = _check_base(base_distribution, image_shape, dtype)
+    dist = tfd.TransformedDistribution(base, level(image_shape, 0), name=name)
+    if base_distribution is not None:
+        config["base_distribution"] = "custom"
+    return _remember(dist, "glow", config)
+
+
+BUILDERS = {"real_nvp": real_nvp, "glow": glow}
 
 
 def flow_bijectors(flow) -> list:
