@@ -43,12 +43,17 @@ def initialize(flow_or_model, x, conditional_input=None) -> int:
             "`flow_or_model` must be a tfd.TransformedDistribution, a tfb.Bijector, or an object with a "
             f"`.distribution` (such as tfp_nvp.FlowModel); got {type(flow_or_model).__name__}."
         )
-    if isinstance(root, tfd.Distribution) and not isinstance(root, tfd.TransformedDistribution):
+    # Not isinstance(root, tfd.TransformedDistribution): TFP returns a private subclass-less twin of that class
+    # when the bijector is not a CompositeTensor, so the check is on what the code needs, a bijector.
+    if isinstance(root, tfd.Distribution) and not isinstance(getattr(root, "bijector", None), tfb.Bijector):
         raise ValueError(f"`flow_or_model` must hold a tfd.TransformedDistribution; got {type(root).__name__}.")
     actnorms = [b for b in flows.flow_bijectors(root) if isinstance(b, ActNorm)]
     before = [bool(a.initialized) for a in actnorms]
-    dtype = root.dtype if root.dtype is not None else tf.float32
-    x = tf.cast(tf.convert_to_tensor(x), dtype)
+    # A tfb.Chain reports no dtype of its own; its members do.
+    dtypes = [d for d in [root.dtype, *(b.dtype for b in flows.flow_bijectors(root))] if d is not None]
+    x = tf.convert_to_tensor(x)
+    if dtypes:
+        x = tf.cast(x, dtypes[0])
 
     if model is not None and hasattr(model, "log_prob"):
         # A model's own log_prob applies whatever it does to the data before the flow.
@@ -58,6 +63,6 @@ def initialize(flow_or_model, x, conditional_input=None) -> int:
             model.log_prob(x, conditional_input=conditional_input)
     else:
         kwargs = {} if conditional_input is None else flows.conditional_kwargs(root, conditional_input)
-        bijector = root.bijector if isinstance(root, tfd.TransformedDistribution) else root
+        bijector = root.bijector if isinstance(root, tfd.Distribution) else root
         bijector.inverse(x, **kwargs)
     return sum(1 for a, was in zip(actnorms, before) if bool(a.initialized) and not was)
