@@ -36,7 +36,7 @@ def randomize_variables(module, seed: int, scale: float = 1.0) -> None:
         v.assign(rng.normal(0.0, std, size=shape).astype(v.dtype.as_numpy_dtype))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def randomize():
     """The `randomize_variables` helper, as a fixture so test modules need not import conftest."""
     return randomize_variables
@@ -60,7 +60,7 @@ def flat_log_det(fn, x, event_rank: int):
     return log_abs_det.numpy()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def autodiff_log_det():
     """The `flat_log_det` helper, as a fixture."""
     return flat_log_det
@@ -72,7 +72,7 @@ def same_variables(a, b) -> bool:
     return len(ids_a) == len(set(ids_a)) and len(ids_b) == len(set(ids_b)) and set(ids_a) == set(ids_b)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def same_variable_set():
     """The `same_variables` helper, as a fixture."""
     return same_variables
