@@ -6,18 +6,32 @@ import os as _os
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from tfp_nvp import networks  # noqa: E402
-from tfp_nvp.bijectors import AffineCoupling  # noqa: E402
+from tfp_nvp.bijectors import (  # noqa: E402
+    ActNorm,
+    AffineCoupling,
+    FactorOut,
+    Invertible1x1Conv,
+    OnChannels,
+    Squeeze,
+)
 from tfp_nvp.flows import conditional_kwargs, flow_bijectors, real_nvp, standard_normal  # noqa: E402
 from tfp_nvp.keras import FlowModel, flow_layers  # noqa: E402
+from tfp_nvp.initialize import initialize  # noqa: E402  (rebinds the submodule name to the function)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActNorm",
     "AffineCoupling",
+    "FactorOut",
     "FlowModel",
+    "Invertible1x1Conv",
+    "OnChannels",
+    "Squeeze",
     "conditional_kwargs",
     "flow_bijectors",
     "flow_layers",
+    "initialize",
     "networks",
     "real_nvp",
     "standard_normal",

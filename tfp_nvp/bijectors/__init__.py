@@ -1,6 +1,19 @@
 """TFP bijectors whose parameters live in Keras 3 layers (one bijector a file)."""
 
 from tfp_nvp.bijectors._base import KerasParameterizedBijector, ParameterLayer
+from tfp_nvp.bijectors.actnorm import ActNorm
+from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
 from tfp_nvp.bijectors.coupling import AffineCoupling
+from tfp_nvp.bijectors.factor_out import FactorOut, OnChannels
+from tfp_nvp.bijectors.squeeze import Squeeze
 
-__all__ = ["AffineCoupling", "KerasParameterizedBijector", "ParameterLayer"]
+__all__ = [
+    "ActNorm",
+    "AffineCoupling",
+    "FactorOut",
+    "Invertible1x1Conv",
+    "KerasParameterizedBijector",
+    "OnChannels",
+    "ParameterLayer",
+    "Squeeze",
+]
