@@ -187,3 +187,17 @@ def test_flag_and_parameters_survive_weights_reload(tmp_path):
     fresh.distribution.bijector.inverse(tf.constant(_data((64, 3), seed=12) * 5.0 - 2.0))
     for old, new in zip(before, fresh.weights):
         np.testing.assert_array_equal(new.numpy(), old)
+
+
+def test_first_log_prob_under_xla_uses_the_initialised_parameters():
+    # TransformedDistribution.log_prob runs inverse(y) and then forward_log_det_jacobian(x), so the log-det
+    # must read the parameters the inverse has just assigned, in the same compiled graph.
+    event_shape = (3, 3, 2)
+    y = tf.constant(_data((40, *event_shape), seed=13))
+    base = tfp_nvp.standard_normal(event_shape, tf.float64)
+    compiled = tfd.TransformedDistribution(base, ActNorm(event_shape, dtype=tf.float64))
+    log_prob = tf.function(compiled.log_prob, jit_compile=True)(y).numpy()
+    yy = y.numpy().reshape(-1, 2)
+    z = (y.numpy() - yy.mean(axis=0)) / np.sqrt(yy.var(axis=0) + 1e-6)
+    expected = base.log_prob(z).numpy() - 9 * 0.5 * np.log(yy.var(axis=0) + 1e-6).sum()
+    np.testing.assert_allclose(log_prob, expected, rtol=1e-10)

@@ -33,7 +33,8 @@ class ActNorm(KerasParameterizedBijector):
     then `initialized` becomes 1. `epsilon` keeps a constant channel finite (its scale becomes
     `sqrt(epsilon)`); it also means a channel whose variance is comparable to `epsilon` ends with a variance
     slightly below 1. The same batch initialises whichever of `inverse` / `inverse_log_det_jacobian` runs
-    first, and the other one sees the new values. Because the flag is a Keras weight, `save_weights`,
+    first, and the other one sees the new values (`tfd.TransformedDistribution.log_prob` runs `inverse` and then
+    `forward_log_det_jacobian` at its output, which therefore also sees them). Because the flag is a Keras weight, `save_weights`,
     `.keras` files and `tf.train.Checkpoint` restore it and a reloaded model never re-initialises.
     The update is a `tf.cond` on the flag plus variable assignments, so it also runs inside
     `tf.function(jit_compile=True)` and the first step of `FlowModel.fit`.
