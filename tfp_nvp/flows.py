@@ -130,6 +130,7 @@ def glow(
     lu_decomposed: bool = True,
     log_scale_bound: str = "sigmoid",
     l2: float = 0.0,
+    logit_alpha: float | None = 0.05,
     base_distribution: tfd.Distribution | None = None,
     dtype: str = "float32",
     seed: int | None = None,
@@ -144,8 +145,11 @@ def glow(
     `tfd.TransformedDistribution` with a standard normal base. Couplings use a channel mask and a
     `tfp_nvp.networks.ConvResNet` (`hidden_channels`, `num_blocks`, zero-initialised head).
 
-    The model is meant for data in `[0, 1)` (see `tfp_nvp.images.dequantize`); ActNorm layers initialise from
-    the first data batch (`tfp_nvp.initialize`). H and W must be divisible by `2 ** num_levels`.
+    The model is meant for data in `[0, 1)` (see `tfp_nvp.images.dequantize`). With `logit_alpha` set (the
+    default) the data side starts with RealNVP's logit transform `u = logit(alpha + (1 - 2 alpha) x)` (a chain
+    of `tfb.Sigmoid`, `tfb.Shift` and `tfb.Scale`, log-det included), so the flow models unbounded values and
+    samples always land in `(0, 1)`; `None` models `x` directly. ActNorm layers initialise from the first data
+    batch (`tfp_nvp.initialize`). H and W must be divisible by `2 ** num_levels`.
 
     Example:
       >>> flow = glow([8, 8, 1], num_levels=2, num_steps_per_level=2, hidden_channels=32)
@@ -168,8 +172,11 @@ def glow(
     config = dict(
         image_shape=list(image_shape), num_levels=num_levels, num_steps_per_level=num_steps,
         hidden_channels=hidden_channels, num_blocks=num_blocks, exit_fraction=exit_fraction,
-        lu_decomposed=lu_decomposed, log_scale_bound=log_scale_bound, l2=l2, dtype=dtype, seed=seed, name=name,
+        lu_decomposed=lu_decomposed, log_scale_bound=log_scale_bound, l2=l2, logit_alpha=logit_alpha,
+        dtype=dtype, seed=seed, name=name,
     )
+    if logit_alpha is not None and not 0.0 <= logit_alpha < 0.5:
+        raise ValueError(f"`logit_alpha` must be in [0, 0.5) or None; got {logit_alpha!r}.")
     counter = iter(range(10**6))
 
     def next_seed():
@@ -200,7 +207,14 @@ def glow(
         return tfb.Chain(parts, name=f"{name}_level_{index}")
 
     base = _check_base(base_distribution, image_shape, dtype)
-    dist = tfd.TransformedDistribution(base, level(image_shape, 0), name=name)
+    bijector = level(image_shape, 0)
+    if logit_alpha is not None:
+        # forward: u -> sigmoid(u) in (0, 1) -> (s - alpha) / (1 - 2 alpha) = x; parameter-free, so sharing
+        # TFP's cache between equal instances is harmless here.
+        to_data = [tfb.Scale(tf.constant(1.0 / (1.0 - 2.0 * logit_alpha), dtype)),
+                   tfb.Shift(tf.constant(-logit_alpha, dtype)), tfb.Sigmoid()]
+        bijector = tfb.Chain([*to_data, bijector], name=name)
+    dist = tfd.TransformedDistribution(base, bijector, name=name)
     if base_distribution is not None:
         config["base_distribution"] = "custom"
     return _remember(dist, "glow", config)
