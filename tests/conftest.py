@@ -76,3 +76,11 @@ def same_variables(a, b) -> bool:
 def same_variable_set():
     """The `same_variables` helper, as a fixture."""
     return same_variables
+
+
+@pytest.fixture(scope="session")
+def moons_entropy_coarse():
+    """Exact two-moons entropy on a 0.02 grid (test_data checks it against a finer grid and Monte Carlo)."""
+    from tfp_nvp.data import moons_entropy
+
+    return moons_entropy(grid_step=0.02)

@@ -1,0 +1,252 @@
+"""FlowModel and the two doors to every parameter: TFP (tf.Module) and Keras (fit, callbacks, saving)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+import tfp_nvp
+from tfp_nvp import AffineCoupling, FlowModel
+from tfp_nvp.data import two_moons
+
+tfb, tfd = tfp.bijectors, tfp.distributions
+
+MOONS_CONFIG = dict(event_shape=[2], num_coupling_layers=4, hidden_units=(64, 64))
+
+
+def keras_door(model):
+    return [w.value for w in model.trainable_weights]
+
+
+def coupling_variables(flow):
+    return [v for b in tfp_nvp.flow_bijectors(flow) if isinstance(b, AffineCoupling) for v in b.trainable_variables]
+
+
+def small_flows():
+    return {
+        "vector_tanh": tfp_nvp.real_nvp([3], num_coupling_layers=3, hidden_units=(8,), seed=0),
+        "vector_sigmoid_towers": tfp_nvp.real_nvp([2], num_coupling_layers=2, hidden_units=(8,), separate_towers=True,
+                                                  log_scale_bound="sigmoid", seed=1),
+        "image": tfp_nvp.real_nvp([4, 4, 2], num_coupling_layers=2, hidden_units=(8,), num_blocks=1, seed=2),
+        "conditional": tfp_nvp.real_nvp([2], num_coupling_layers=2, hidden_units=(8,), conditional_shape=[3], seed=3),
+    }
+
+
+def example_batch(flow, n=64):
+    x = tf.random.stateless_normal([n, *flow.event_shape], seed=[1, 1])
+    cond = any(getattr(b, "_conditional_shape", None) for b in tfp_nvp.flow_bijectors(flow))
+    kwargs = {}
+    if cond:
+        kwargs["bijector_kwargs"] = tfp_nvp.conditional_kwargs(flow, tf.random.stateless_normal([n, 3], seed=[2, 2]))
+    return x, kwargs
+
+
+# --------------------------------------------------------------------------------------------- two doors
+@pytest.mark.parametrize("kind", list(small_flows()))
+def test_both_doors_list_the_same_variables(kind, same_variable_set):
+    flow = small_flows()[kind]
+    model = FlowModel(flow)
+    keras_side = keras_door(model)
+    couplings = [b for b in tfp_nvp.flow_bijectors(flow) if isinstance(b, AffineCoupling)]
+    assert len(couplings) == len(flow.bijector.bijectors)
+    assert same_variable_set(flow.trainable_variables, keras_side)
+    assert same_variable_set(flow.bijector.trainable_variables, keras_side)
+    assert same_variable_set(coupling_variables(flow), keras_side)
+    # The learnable tanh bound is a parameter like any other, on both sides.
+    scales = [b.scale.value for b in couplings if b.scale is not None]
+    assert len(scales) == (len(couplings) if kind != "vector_sigmoid_towers" else 0)
+    assert {id(s) for s in scales} <= {id(v) for v in keras_side}
+    # Every network weight is there too.
+    net_vars = [w.value for b in couplings for w in b.network.trainable_weights]
+    assert {id(v) for v in net_vars} <= {id(v) for v in keras_side}
+    assert len(keras_side) == len(net_vars) + len(scales)
+
+
+@pytest.mark.parametrize("kind", list(small_flows()))
+def test_every_weight_gets_a_gradient(kind, randomize):
+    flow = small_flows()[kind]
+    model = FlowModel(flow)
+    randomize(flow, seed=4)
+    x, kwargs = example_batch(flow)
+    with tf.GradientTape() as tape:
+        loss = -tf.reduce_mean(flow.log_prob(x, **kwargs))
+    grads = tape.gradient(loss, keras_door(model))
+    assert all(g is not None for g in grads)
+    assert all(np.any(g.numpy() != 0) for g in grads)
+
+
+def test_tfp_vi_trains_every_variable():
+    """The TFP door alone is enough to train: tfp.vi moves every weight that Keras also tracks."""
+    flow = tfp_nvp.real_nvp([2], num_coupling_layers=2, hidden_units=(8,), seed=5)
+    model = FlowModel(flow)
+    before = [v.numpy().copy() for v in keras_door(model)]
+    target = tfd.MultivariateNormalTriL(loc=[1.0, -1.0], scale_tril=[[1.0, 0.0], [0.8, 0.5]])
+    # Adam's first step sees zero gradients for the hidden layers and the tanh scale (the zero-initialised head
+    # blocks them), so a few steps are needed before every variable has moved.
+    losses = tfp.vi.fit_surrogate_posterior(target.log_prob, surrogate_posterior=flow,
+                                            optimizer=tf.optimizers.Adam(1e-2), num_steps=6, sample_size=32,
+                                            seed=(1, 2))
+    assert np.all(np.isfinite(losses.numpy()))
+    assert all(np.any(b != v.numpy()) for b, v in zip(before, keras_door(model)))
+
+
+def test_flow_model_rejects_tf_keras_networks():
+    import tf_keras
+
+    net = tf_keras.Sequential([tf_keras.layers.Dense(8, activation="tanh"), tf_keras.layers.Dense(2)])
+    flow = tfd.TransformedDistribution(tfp_nvp.standard_normal([2]),
+                                       tfb.Chain([AffineCoupling([2], network=net)]))
+    with pytest.raises(ValueError, match="tf_keras"):
+        FlowModel(flow)
+
+
+def test_flow_model_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="`distribution`"):
+        FlowModel("real_nvp")
+    model = FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=1, hidden_units=(4,)))
+    with pytest.raises(ValueError, match="'x'"):
+        model({"data": tf.zeros([3, 2])})
+    with pytest.raises(ValueError, match=r"must have shape \[\.\.\., 2\]"):
+        model.log_prob(tf.zeros([3, 5]))
+
+
+# --------------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def moons_data():
+    return dict(train=two_moons(2000, seed=0), val=two_moons(500, seed=2), test=two_moons(20000, seed=1))
+
+
+@pytest.fixture(scope="module")
+def trained(moons_data):
+    """RealNVP trained on two moons with XLA and validation data (one fit shared by many tests)."""
+    keras.utils.set_random_seed(0)
+    model = FlowModel(tfp_nvp.real_nvp(**MOONS_CONFIG, seed=0))
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    model.compile(optimizer=keras.optimizers.Adam(5e-3), jit_compile=True)
+    history = model.fit(moons_data["train"], epochs=20, batch_size=250, validation_data=(moons_data["val"],),
+                        verbose=0)
+    return dict(model=model, history=history.history, before=before)
+
+
+def test_fit_history(trained):
+    h = trained["history"]
+    for key in ("loss", "nll", "val_loss", "val_nll"):
+        assert len(h[key]) == 20 and np.all(np.isfinite(h[key])), key
+    # Without weight penalties the loss is exactly the mean NLL.
+    np.testing.assert_allclose(h["loss"], h["nll"], rtol=1e-5)
+    np.testing.assert_allclose(h["val_loss"], h["val_nll"], rtol=1e-5)
+    assert h["nll"][-1] < h["nll"][0] - 0.3
+    assert h["val_nll"][-1] < h["val_nll"][0] - 0.2
+
+
+def test_fit_changes_every_weight(trained):
+    after = [w.numpy() for w in trained["model"].trainable_weights]
+    assert len(after) == len(trained["before"]) == 4 * (3 * 2 + 1)
+    assert all(np.any(b != a) for b, a in zip(trained["before"], after))
+
+
+def test_evaluate_reports_mean_nll(trained, moons_data):
+    model = trained["model"]
+    result = model.evaluate(moons_data["val"], batch_size=100, verbose=0, return_dict=True)
+    expected = -np.mean(model.log_prob(moons_data["val"]).numpy())
+    np.testing.assert_allclose(result["nll"], expected, rtol=1e-5)
+    np.testing.assert_allclose(result["loss"], expected, rtol=1e-5)
+
+
+def test_held_out_nll_between_gaussian_fit_and_entropy(trained, moons_data, moons_entropy_coarse):
+    """Training beats the best Gaussian on fresh data, and no model can beat the true entropy."""
+    train = moons_data["train"].astype(np.float64)
+    gaussian_nll = 0.5 * np.log(np.linalg.det(2 * np.pi * np.e * np.cov(train.T)))
+    held_out_nll = -np.mean(trained["model"].log_prob(moons_data["test"]).numpy())
+    assert held_out_nll < gaussian_nll - 0.2
+    # 20000 test points put the Monte Carlo error of the held-out NLL near 0.01 nats.
+    assert held_out_nll > moons_entropy_coarse + 0.05
+
+
+def test_sample(trained):
+    model = trained["model"]
+    s = model.sample(7, seed=(1, 2))
+    assert s.shape == (7, 2)
+    np.testing.assert_array_equal(s, model.sample(7, seed=(1, 2)))
+    assert np.any(s.numpy() != model.sample(7, seed=(1, 3)).numpy())
+
+
+def test_save_weights_into_fresh_flow(trained, moons_data, tmp_path):
+    model = trained["model"]
+    path = tmp_path / "moons.weights.h5"
+    model.save_weights(path)
+    fresh = FlowModel(tfp_nvp.real_nvp(**MOONS_CONFIG, seed=99))
+    x = moons_data["val"]
+    assert np.any(fresh.log_prob(x).numpy() != model.log_prob(x).numpy())
+    fresh.load_weights(path)
+    np.testing.assert_array_equal(fresh.log_prob(x), model.log_prob(x))
+
+
+def test_keras_file_round_trip(trained, moons_data, tmp_path):
+    model = trained["model"]
+    path = tmp_path / "moons.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, FlowModel)
+    x = moons_data["val"]
+    np.testing.assert_array_equal(loaded.log_prob(x), model.log_prob(x))
+    np.testing.assert_array_equal(loaded.sample(5, seed=(4, 4)), model.sample(5, seed=(4, 4)))
+
+
+def test_keras_save_rejects_custom_base(tmp_path):
+    base = tfd.MultivariateNormalDiag(loc=[0.0, 1.0], scale_diag=[1.0, 2.0])
+    model = FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=1, hidden_units=(4,), base_distribution=base))
+    with pytest.raises(NotImplementedError, match="default base"):
+        model.save(tmp_path / "custom.keras")
+
+
+def test_weight_penalty_validation_split_and_callbacks(tmp_path):
+    """With l2 > 0 the loss carries the penalty; EarlyStopping reads val_nll; TensorBoard writes its logs."""
+    x = two_moons(400, seed=3)
+    model = FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=2, hidden_units=(16,), l2=1e-2, seed=6))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    # min_delta above any possible gain makes epoch 2 a non-improvement, so patience 0 stops right there.
+    # mode="min" is spelled out because Keras cannot infer the direction of FlowModel's `nll` metric.
+    stop = keras.callbacks.EarlyStopping(monitor="val_nll", mode="min", patience=0, min_delta=1e6)
+    board = keras.callbacks.TensorBoard(log_dir=str(tmp_path / "logs"))
+    h = model.fit(x, epochs=10, batch_size=100, validation_split=0.25, callbacks=[stop, board], verbose=0).history
+    assert len(h["loss"]) == 2 and len(h["val_nll"]) == 2 and stop.stopped_epoch == 1
+    assert all(l > n for l, n in zip(h["loss"], h["nll"]))
+    assert all(l > n for l, n in zip(h["val_loss"], h["val_nll"]))
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*")), "TensorBoard wrote no event file"
+    result = model.evaluate(x, batch_size=100, verbose=0, return_dict=True)
+    penalty = float(tf.add_n(model.losses))
+    assert penalty > 0
+    np.testing.assert_allclose(result["loss"] - result["nll"], penalty, rtol=1e-4)
+    np.testing.assert_allclose(result["nll"], -np.mean(model.log_prob(x).numpy()), rtol=1e-5)
+
+
+def test_terminate_on_nan_stops_training():
+    x = two_moons(200, seed=4)
+    x[7, 0] = np.nan
+    model = FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=1, hidden_units=(4,), seed=7))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    h = model.fit(x, epochs=5, batch_size=200, shuffle=False, callbacks=[keras.callbacks.TerminateOnNaN()],
+                  verbose=0).history
+    assert len(h["loss"]) == 1 and np.isnan(h["loss"][0])
+
+
+def test_conditional_flow_model_fits_dict_inputs():
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=(512, 3)).astype(np.float32)
+    # The data's mean is set by the condition, so a conditional flow can do much better than a marginal one.
+    x = (2.0 * c[:, :2] + 0.3 * rng.normal(size=(512, 2))).astype(np.float32)
+    model = FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=2, hidden_units=(32,), conditional_shape=[3], seed=8))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    before = -np.mean(model.log_prob(x, conditional_input=c).numpy())
+    h = model.fit({"x": x, "conditional_input": c}, epochs=15, batch_size=128, verbose=0).history
+    after = -np.mean(model.log_prob(x, conditional_input=c).numpy())
+    assert np.all(np.isfinite(h["nll"]))
+    assert after < before - 0.5
+    # The fitted density really uses the condition: shuffling it makes the data less likely.
+    shuffled = -np.mean(model.log_prob(x, conditional_input=c[::-1]).numpy())
+    assert shuffled > after + 0.5
+    assert model.sample(4, seed=(5, 5), conditional_input=c[:4]).shape == (4, 2)
