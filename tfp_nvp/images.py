@@ -82,10 +82,16 @@ def gaussian_bits_per_dim(train, test, levels: int, seed: int = 0, ridge: float 
     return float(bits_per_dim(nll, tr.shape[1], levels))
 
 
+def _as_distribution(flow):
+    # A FlowModel holds its flow in `.distribution`; a transformed distribution's own `.distribution` is its base.
+    return flow if isinstance(flow, tfd.Distribution) else getattr(flow, "distribution", flow)
+
+
 def _base_and_bijector(flow):
-    flow = getattr(flow, "distribution", flow)  # FlowModel -> its distribution
-    if not isinstance(flow, tfd.TransformedDistribution):
-        raise ValueError(f"`flow` must be a tfd.TransformedDistribution or FlowModel; got {type(flow).__name__}.")
+    flow = _as_distribution(flow)
+    # Duck-typed: TFP builds a private twin of tfd.TransformedDistribution around non-CompositeTensor bijectors.
+    if not (isinstance(flow, tfd.Distribution) and isinstance(getattr(flow, "bijector", None), tfp.bijectors.Bijector)):
+        raise ValueError(f"`flow` must be a transformed distribution or FlowModel; got {type(flow).__name__}.")
     return flow.distribution, flow.bijector
 
 
@@ -120,7 +126,7 @@ def interpolate(flow, x0, x1, num: int = 8, bijector_kwargs=None):
 
 def anomaly_score(flow, x, levels: int | None = None, bijector_kwargs=None):
     """Per-example anomaly score: NLL in nats, or bits/dim when `levels` is given (higher = less likely)."""
-    dist = getattr(flow, "distribution", flow)
+    dist = _as_distribution(flow)
     nll = -dist.log_prob(x, **({"bijector_kwargs": bijector_kwargs} if bijector_kwargs else {}))
     if levels is None:
         return nll
