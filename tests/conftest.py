@@ -80,7 +80,11 @@ def same_variable_set():
 
 @pytest.fixture(scope="session")
 def moons_entropy_coarse():
-    """Exact two-moons entropy on a 0.02 grid (test_data checks it against a finer grid and Monte Carlo)."""
+    """Exact two-moons entropy on a 0.02 grid with 400 positions per arc (5x cheaper than the defaults).
+
+    test_data.py shows this agrees with a 0.01 grid, that 400 arc positions reproduce the default density, and
+    that a Monte Carlo estimate agrees.
+    """
     from tfp_nvp.data import moons_entropy
 
-    return moons_entropy(grid_step=0.02)
+    return moons_entropy(grid_step=0.02, arc_points=400)
