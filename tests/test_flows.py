@@ -13,7 +13,7 @@ from tfp_nvp import AffineCoupling
 tfb, tfd = tfp.bijectors, tfp.distributions
 
 
-def grid_2d(lo=-7.0, hi=7.0, step=0.04, dtype=np.float64):
+def grid_2d(lo=-12.0, hi=12.0, step=0.04, dtype=np.float64):
     ticks = np.arange(lo, hi, step) + step / 2
     gx, gy = np.meshgrid(ticks, ticks, indexing="ij")
     return np.stack([gx.ravel(), gy.ravel()], -1).astype(dtype), step**2
@@ -23,7 +23,8 @@ def grid_2d(lo=-7.0, hi=7.0, step=0.04, dtype=np.float64):
 def random_flow(randomize):
     """A float64 RealNVP on [2] with random weights: a genuinely non-Gaussian density."""
     flow = tfp_nvp.real_nvp([2], num_coupling_layers=4, hidden_units=(16,), dtype="float64", seed=0)
-    randomize(flow, seed=123)
+    # scale 1.5: mean |log det| near 0.8 per sample, while the tails still fit inside the +-12 integration grid.
+    randomize(flow, seed=123, scale=1.5)
     return flow
 
 
@@ -47,7 +48,7 @@ def test_log_prob_integrates_to_one(random_flow):
     base_log_p = tfp_nvp.standard_normal([2], tf.float64).log_prob(pts).numpy()
     # The random flow is far from its Gaussian base, yet still a normalised density.
     assert np.abs(log_p - base_log_p)[base_log_p > -6].max() > 0.5
-    np.testing.assert_allclose(np.exp(log_p).sum() * area, 1.0, atol=5e-3)
+    np.testing.assert_allclose(np.exp(log_p).sum() * area, 1.0, atol=1e-3)
 
 
 def test_sample_matches_change_of_variables(random_flow):
@@ -123,7 +124,7 @@ def test_conditional_density_is_normalised_for_each_condition(conditional_flow):
     for c in ([0.5, -1.0, 2.0], [-2.0, 0.0, 1.0]):
         kwargs = tfp_nvp.conditional_kwargs(conditional_flow, tf.constant([c], tf.float64))
         np.testing.assert_allclose(np.exp(conditional_flow.log_prob(pts, bijector_kwargs=kwargs)).sum() * area, 1.0,
-                                   atol=5e-3)
+                                   atol=1e-3)
 
 
 def test_conditional_sample_and_change_of_variables(conditional_flow):
