@@ -309,3 +309,11 @@ def test_wrong_event_shape_at_call_time():
         bij.forward_log_det_jacobian(tf.zeros([3, 1]), event_ndims=1)
     with pytest.raises(ValueError, match=r"`y` must have shape \[\.\.\., 2\]"):
         bij.inverse_log_det_jacobian(tf.zeros([3, 1]), event_ndims=1)
+
+
+def test_batch_shape_is_scalar():
+    """Network weights are not batch parameters: couplings and the flows built from them have batch shape []."""
+    bij = make_coupling([5], "half", False)
+    assert bij.experimental_batch_shape() == []
+    flow = tfp_nvp.real_nvp([4, 4, 2], num_coupling_layers=2, hidden_units=(4,), num_blocks=0)
+    assert flow.batch_shape == [] and flow.event_shape == [4, 4, 2]
