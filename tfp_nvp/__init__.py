@@ -5,7 +5,7 @@ import os as _os
 # Keras 3 must run on TensorFlow: TFP bijectors call TF ops on the networks' outputs.
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from tfp_nvp import networks  # noqa: E402
+from tfp_nvp import data, images, networks  # noqa: E402
 from tfp_nvp.bijectors import (  # noqa: E402
     ActNorm,
     AffineCoupling,
@@ -14,7 +14,7 @@ from tfp_nvp.bijectors import (  # noqa: E402
     OnChannels,
     Squeeze,
 )
-from tfp_nvp.flows import conditional_kwargs, flow_bijectors, real_nvp, standard_normal  # noqa: E402
+from tfp_nvp.flows import conditional_kwargs, flow_bijectors, glow, real_nvp, standard_normal  # noqa: E402
 from tfp_nvp.keras import FlowModel, flow_layers  # noqa: E402
 from tfp_nvp.initialize import initialize  # noqa: E402  (rebinds the submodule name to the function)
 
@@ -29,8 +29,11 @@ __all__ = [
     "OnChannels",
     "Squeeze",
     "conditional_kwargs",
+    "data",
     "flow_bijectors",
     "flow_layers",
+    "glow",
+    "images",
     "initialize",
     "networks",
     "real_nvp",

@@ -147,8 +147,9 @@ def glow(
 
     The model is meant for data in `[0, 1)` (see `tfp_nvp.images.dequantize`). With `logit_alpha` set (the
     default) the data side starts with RealNVP's logit transform `u = logit(alpha + (1 - 2 alpha) x)` (a chain
-    of `tfb.Sigmoid`, `tfb.Shift` and `tfb.Scale`, log-det included), so the flow models unbounded values and
-    samples always land in `(0, 1)`; `None` models `x` directly. ActNorm layers initialise from the first data
+    of `tfb.Sigmoid`, `tfb.Shift` and `tfb.Scale`, log-det included), so the flow models unbounded values.
+    Samples then land in `(-alpha, 1 - alpha) / (1 - 2 alpha)`, slightly wider than `[0, 1)` (clip them for
+    display); the mass outside the cube only makes bits/dim an upper bound. `None` models `x` directly. ActNorm layers initialise from the first data
     batch (`tfp_nvp.initialize`). H and W must be divisible by `2 ** num_levels`.
 
     Example:
@@ -167,8 +168,17 @@ def glow(
             f"`image_shape` {list(image_shape)}: H and W must be divisible by 2 ** num_levels = {factor} "
             f"(num_levels={num_levels} squeezes halve them each time)."
         )
-    if not 0.0 < exit_fraction < 1.0:
-        raise ValueError(f"`exit_fraction` must be in (0, 1); got {exit_fraction!r}.")
+    # Level l squeezes to 4 * kept channels; the fraction must leave whole channels at every level that splits.
+    channels = 4 * image_shape[-1]
+    for index in range(num_levels - 1):
+        exiting = channels * exit_fraction
+        if not 0.0 < exit_fraction < 1.0 or abs(exiting - round(exiting)) > 1e-9 or not 0 < round(exiting) < channels:
+            valid = [f"{k}/{channels}" for k in range(1, channels)]
+            raise ValueError(
+                f"`exit_fraction` must leave a whole number of channels at every split: level {index} has "
+                f"{channels} channels, so it must be one of {', '.join(valid)}; got {exit_fraction!r}."
+            )
+        channels = 4 * (channels - int(round(exiting)))
     config = dict(
         image_shape=list(image_shape), num_levels=num_levels, num_steps_per_level=num_steps,
         hidden_channels=hidden_channels, num_blocks=num_blocks, exit_fraction=exit_fraction,

@@ -54,10 +54,13 @@ def dequantize(x, levels: int, seed=None, dtype=tf.float32):
     """Uniform dequantization `(x + u) / levels` of integer data in `[0, levels)`; `seed=None` draws fresh noise."""
     if int(levels) != levels or levels < 2:
         raise ValueError(f"`levels` must be an integer >= 2; got {levels!r}.")
+    dtype = tf.as_dtype(dtype)
     x = tf.cast(x, dtype)
     u = tf.random.stateless_uniform(tf.shape(x), seed=seed, dtype=dtype) if seed is not None \
         else tf.random.uniform(tf.shape(x), dtype=dtype)
-    return (x + u) / tf.cast(levels, dtype)
+    y = (x + u) / tf.cast(levels, dtype)
+    # (levels - 1 + u) / levels can round up to exactly 1 in float32; keep the documented half-open interval.
+    return tf.minimum(y, tf.constant(np.nextafter(1.0, 0.0, dtype=dtype.as_numpy_dtype), dtype))
 
 
 def bits_per_dim(nll_nats, num_dims: int, levels: int):
