@@ -158,7 +158,7 @@ def test_image_shape_must_be_divisible_by_the_squeezes(shape, levels):
 
 def test_exit_fraction_must_give_whole_channels():
     # 4 channels after the first squeeze of a 1-channel image: a third of them is not a whole number.
-    with pytest.raises(ValueError, match=r"`exit_fraction`=0\.33+\d* of 4 channels"):
+    with pytest.raises(ValueError, match=r"`exit_fraction` must leave a whole number of channels.*level 0 has 4 channels.*1/4, 2/4, 3/4"):
         _tiny(exit_fraction=1 / 3)
     for bad in (0.0, 1.0, -0.5):
         with pytest.raises(ValueError, match="`exit_fraction` must be in \\(0, 1\\)"):

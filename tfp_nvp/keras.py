@@ -9,7 +9,19 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_nvp import flows
+try:  # Keras' callbacks read a metric's direction only inside its own metric containers.
+    from keras.src.trainers.compile_utils import MetricsList as _KerasMetricsList
+
+    class _MetricsList(_KerasMetricsList):
+        """The container Keras' callbacks look into, usable at the top level of `model.metrics`."""
+
+        def result(self):
+            return self.get_result()
+
+except ImportError:  # pragma: no cover - a Keras without it: callbacks then need mode="min"
+    _MetricsList = None
+
+from tfp_nvp import flows, images
 from tfp_nvp.bijectors._base import KerasParameterizedBijector
 
 tfd = tfp.distributions
@@ -56,6 +68,10 @@ class FlowModel(keras.Model):
     Every parameter of the flow is tracked as a Keras weight: `fit`, callbacks, `save_weights` and `.keras`
     files (for flows made by `tfp_nvp` builders) all work.
 
+    Discrete images: with `levels=L` the inputs are integer images in `[0, L)`; every batch (training and
+    evaluation) is dequantized with fresh uniform noise, `(x + u) / L`, and `bits_per_dim` is reported next to
+    `nll` (`val_bits_per_dim` for early stopping). `log_prob` and `sample` stay in the flow's continuous space.
+
     Speed: for array inputs `fit` feeds Keras one shuffled, repeated `tf.data` pipeline with `steps_per_epoch`
     set, so the input iterator is built once per `fit` instead of twice per epoch (for training and again for
     validation), which dominates small-data epochs; each epoch is still one shuffled pass over the data. The
@@ -69,7 +85,7 @@ class FlowModel(keras.Model):
       >>> model.log_prob(x), model.sample(100, seed=0)
     """
 
-    def __init__(self, distribution: tfd.Distribution, **kwargs):
+    def __init__(self, distribution: tfd.Distribution, levels: int | None = None, **kwargs):
         if isinstance(distribution, dict):  # from_config
             spec = distribution
             distribution = flows.BUILDERS[spec["builder"]](**spec["config"])
@@ -81,7 +97,18 @@ class FlowModel(keras.Model):
         # A Keras 3 model only sees Keras layers assigned to it: this list is the Keras door to the flow.
         self.flow_layers = flow_layers(distribution)
         self._check_both_doors()
+        if levels is not None and (isinstance(levels, bool) or int(levels) != levels or levels < 2):
+            raise ValueError(f"`levels` must be an integer >= 2 (number of discrete values) or None; got {levels!r}.")
+        self.levels = None if levels is None else int(levels)
+        self._num_dims = int(np.prod(distribution.event_shape.as_list()))
         self.nll_tracker = keras.metrics.Mean(name="nll")
+        trackers = [self.nll_tracker]
+        if self.levels is not None:
+            self.bits_per_dim_tracker = keras.metrics.Mean(name="bits_per_dim")
+            trackers.append(self.bits_per_dim_tracker)
+        for tracker in trackers:
+            tracker._direction = "down"  # lets EarlyStopping("val_nll") etc. work without mode="min"
+        self._flow_metrics = _MetricsList(trackers, name="flow_metrics") if _MetricsList else trackers
         self.built = True
 
     def _check_both_doors(self):
@@ -114,10 +141,14 @@ class FlowModel(keras.Model):
 
     def call(self, inputs, training=False):
         x, c = self._unpack(inputs)
+        if self.levels is not None:
+            # Fresh uniform noise every batch: the flow never sees the same continuous point twice, which is
+            # what keeps a flow on a small discrete dataset from overfitting the dequantization.
+            x = images.dequantize(x, self.levels, dtype=self._distribution.dtype)
         return self._distribution.log_prob(x, **self._bijector_kwargs(c))
 
     def log_prob(self, x, conditional_input=None):
-        """Log-density of `x` in nats under the flow."""
+        """Log-density of `x` in nats under the flow (for `levels` models: of dequantized data in `[0, 1)`)."""
         x = tf.convert_to_tensor(x, self._distribution.dtype)
         return self._distribution.log_prob(x, **self._bijector_kwargs(conditional_input))
 
@@ -186,12 +217,16 @@ class FlowModel(keras.Model):
         else:
             mean_nll = tf.reduce_mean(nll)
         self.nll_tracker.update_state(nll, sample_weight=sample_weight)
+        if self.levels is not None:
+            bpd = images.bits_per_dim(nll, self._num_dims, self.levels)
+            self.bits_per_dim_tracker.update_state(bpd, sample_weight=sample_weight)
         penalties = self.losses
         return mean_nll + tf.cast(tf.add_n(penalties), nll.dtype) if penalties else mean_nll
 
     @property
     def metrics(self):
-        return [*super().metrics, self.nll_tracker]
+        extra = [self._flow_metrics] if _MetricsList else self._flow_metrics
+        return [*super().metrics, *extra]
 
     # ---------------------------------------------------------------------------------------------- saving
     def get_config(self):
@@ -201,7 +236,7 @@ class FlowModel(keras.Model):
                 "Only flows made by tfp_nvp builders with their default base can be saved as `.keras` files; "
                 "use `save_weights` / `load_weights` on a model built the same way instead."
             )
-        return {**super().get_config(), "distribution": spec}
+        return {**super().get_config(), "distribution": spec, "levels": self.levels}
 
     @classmethod
     def from_config(cls, config):
