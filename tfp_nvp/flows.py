@@ -168,11 +168,13 @@ def glow(
             f"`image_shape` {list(image_shape)}: H and W must be divisible by 2 ** num_levels = {factor} "
             f"(num_levels={num_levels} squeezes halve them each time)."
         )
+    if not 0.0 < exit_fraction < 1.0:
+        raise ValueError(f"`exit_fraction` must be in (0, 1); got {exit_fraction!r}.")
     # Level l squeezes to 4 * kept channels; the fraction must leave whole channels at every level that splits.
     channels = 4 * image_shape[-1]
     for index in range(num_levels - 1):
         exiting = channels * exit_fraction
-        if not 0.0 < exit_fraction < 1.0 or abs(exiting - round(exiting)) > 1e-9 or not 0 < round(exiting) < channels:
+        if abs(exiting - round(exiting)) > 1e-9 or not 0 < round(exiting) < channels:
             valid = [f"{k}/{channels}" for k in range(1, channels)]
             raise ValueError(
                 f"`exit_fraction` must leave a whole number of channels at every split: level {index} has "
