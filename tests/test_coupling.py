@@ -317,3 +317,38 @@ def test_batch_shape_is_scalar():
     assert bij.experimental_batch_shape() == []
     flow = tfp_nvp.real_nvp([4, 4, 2], num_coupling_layers=2, hidden_units=(4,), num_blocks=0)
     assert flow.batch_shape == [] and flow.event_shape == [4, 4, 2]
+
+
+def test_traced_log_prob_runs_each_network_once_with_unchanged_values_and_gradients():
+    """Inside tf.function the log-scale from `_inverse` is reused for the log-det; eager calls never reuse it."""
+    calls = []
+    dense = keras.layers.Dense(2, kernel_initializer=keras.initializers.RandomNormal(stddev=0.5, seed=3))
+
+    def network(x_a):
+        calls.append(1)
+        return tf.split(dense(x_a), 2, axis=-1)
+
+    bij = AffineCoupling([2], network=network, mask="half")
+    y = tf.constant(np.random.default_rng(0).normal(size=(7, 2)), tf.float32)
+
+    def loss():
+        return tf.reduce_sum(bij.inverse(y) ** 2) + tf.reduce_sum(bij.forward_log_det_jacobian(bij.inverse(y), 1))
+
+    calls.clear()
+    with tf.GradientTape() as tape:
+        eager_loss = loss()
+    eager_grads = tape.gradient(eager_loss, dense.trainable_variables)
+    assert len(calls) == 2  # eager: inverse and the log-det each evaluate the network
+
+    @tf.function
+    def traced():
+        with tf.GradientTape() as tape:
+            value = loss()
+        return value, tape.gradient(value, dense.trainable_variables)
+
+    calls.clear()
+    graph_loss, graph_grads = traced()
+    assert len(calls) == 1
+    np.testing.assert_allclose(graph_loss, eager_loss, rtol=1e-6)
+    for g, e in zip(graph_grads, eager_grads):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
