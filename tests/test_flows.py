@@ -220,3 +220,22 @@ def test_wrong_event_shape_at_call_time():
     image = tfp_nvp.real_nvp([4, 4, 2], num_coupling_layers=1, hidden_units=(4,), num_blocks=0)
     with pytest.raises(ValueError, match=r"must have shape \[\.\.\., 4, 4, 2\]"):
         image.log_prob(tf.zeros([3, 4, 4, 3]))
+
+
+def test_conv1x1_mixing_between_couplings(randomize, autodiff_log_det):
+    """mixing="conv1x1" puts a learned invertible linear map between consecutive couplings; still exact."""
+    flow = tfp_nvp.real_nvp([3], num_coupling_layers=3, hidden_units=(8,), mixing="conv1x1", dtype="float64",
+                            seed=2)
+    kinds = [type(b).__name__ for b in reversed(flow.bijector.bijectors)]  # sampling order
+    assert kinds == ["AffineCoupling", "Invertible1x1Conv", "AffineCoupling", "Invertible1x1Conv", "AffineCoupling"]
+    randomize(flow, seed=5)
+    z = tf.random.stateless_normal([6, 3], seed=[1, 2], dtype=tf.float64)
+    x = flow.bijector.forward(z)
+    np.testing.assert_allclose(flow.bijector.inverse(tf.identity(x)), z, atol=1e-9)
+    np.testing.assert_allclose(flow.bijector.forward_log_det_jacobian(z, 1),
+                               autodiff_log_det(flow.bijector.forward, z, 1), atol=1e-8)
+    mixing_vars = {id(v) for b in tfp_nvp.flow_bijectors(flow) if isinstance(b, tfp_nvp.Invertible1x1Conv)
+                   for v in b.trainable_variables}
+    assert mixing_vars and mixing_vars <= {id(v) for v in flow.trainable_variables}
+    with pytest.raises(ValueError, match="mixing"):
+        tfp_nvp.real_nvp([2], mixing="permute")

@@ -55,6 +55,7 @@ def real_nvp(
     activation: str = "relu",
     l2: float = 0.0,
     num_blocks: int = 2,
+    mixing: str | None = None,
     conditional_shape: Sequence[int] | None = None,
     base_distribution: tfd.Distribution | None = None,
     dtype: str = "float32",
@@ -65,7 +66,10 @@ def real_nvp(
 
     Vector events `[D]` use dense networks (`hidden_units`, `activation`, `separate_towers`); image events
     `[H, W, C]` use convolutional ResNets (`hidden_units[0]` channels, `num_blocks` residual blocks).
-    `mask` defaults to `"half"` for vectors and `"checkerboard"` for images. Couplings are named
+    `mask` defaults to `"half"` for vectors and `"checkerboard"` for images. `mixing="conv1x1"` puts a learned
+    `Invertible1x1Conv` (LU, random-rotation start) between consecutive couplings, so the split the couplings
+    see is learned rather than fixed (GLOW's replacement for permutations); `None` uses only the mask flips.
+    Couplings are named
     `f"{name}_coupling_{i}"`; with `conditional_shape` set, pass the condition with
     `bijector_kwargs=tfp_nvp.conditional_kwargs(flow, c)`.
 
@@ -85,10 +89,12 @@ def real_nvp(
     config = dict(
         event_shape=list(event_shape), num_coupling_layers=int(num_coupling_layers), hidden_units=list(hidden),
         mask=mask, log_scale_bound=log_scale_bound, separate_towers=separate_towers, activation=activation,
-        l2=l2, num_blocks=num_blocks,
+        l2=l2, num_blocks=num_blocks, mixing=mixing,
         conditional_shape=None if conditional_shape is None else list(conditional_shape),
         dtype=dtype, seed=seed, name=name,
     )
+    if mixing not in (None, "conv1x1"):
+        raise ValueError(f"`mixing` must be None or 'conv1x1'; got {mixing!r}.")
     image = len(event_shape) == 3
     mask = mask or ("checkerboard" if image else "half")
     base = _check_base(base_distribution, event_shape, dtype)
@@ -101,6 +107,9 @@ def real_nvp(
         else:
             net = DenseNetwork(hidden, activation=activation, separate_towers=separate_towers, l2=l2,
                                seed=layer_seed, dtype=dtype, name=f"{name}_net_{i}")
+        if mixing == "conv1x1" and i > 0:
+            couplings.append(Invertible1x1Conv(event_shape, seed=None if seed is None else int(seed) + 1000 * i + 1,
+                                               dtype=dtype, name=f"{name}_mixing_{i}"))
         couplings.append(
             AffineCoupling(event_shape, network=net, mask=mask, flip=i % 2 == 1, log_scale_bound=log_scale_bound,
                            conditional_shape=conditional_shape, dtype=dtype, name=f"{name}_coupling_{i}")
