@@ -167,11 +167,16 @@ def run_tfp(x, x_test, epochs, seed, batch=256):
 
 
 # ------------------------------------------------------------------------------------------------ (c) ours
-def run_ours(x, x_test, epochs, seed):
+def load_example():
     spec = importlib.util.spec_from_file_location(
         "two_moons_example", Path(__file__).resolve().parents[1] / "examples" / "two_moons.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def run_ours(x, x_test, epochs, seed):
+    example = load_example()
     keras.utils.set_random_seed(seed)
     model = example.build_model(seed)
     _, seconds = example.train(model, x, epochs, verbose=0)
@@ -190,7 +195,7 @@ def main():
     if args.quick:
         args.epochs_book = args.epochs_tfp = args.epochs_ours = 3
     if args.epochs_ours is None:
-        args.epochs_ours = 250
+        args.epochs_ours = load_example().EPOCHS
 
     x = two_moons(3000, seed=args.seed)
     x_test = two_moons(20_000, seed=args.seed + 10_000)

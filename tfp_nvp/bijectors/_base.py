@@ -16,7 +16,9 @@ def as_shape(value, name: str, rank: int | Sequence[int] | None = None) -> tuple
     try:
         shape = tuple(int(d) for d in tf.TensorShape(value).as_list())
     except (TypeError, ValueError) as e:
-        raise ValueError(f"`{name}` must be a fully defined shape such as (2,) or (8, 8, 1); got {value!r}.") from e
+        raise ValueError(
+            f"`{name}` must be a fully defined shape of positive sizes such as (2,) or (8, 8, 1); got {value!r}."
+        ) from e
     if any(d <= 0 for d in shape):
         raise ValueError(f"`{name}` must have positive sizes; got {shape}.")
     if rank is not None:
