@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
 
-__all__ = ["KerasParameterizedBijector", "ParameterLayer", "as_shape"]
+__all__ = ["KerasParameterizedBijector", "NetworkContract", "ParameterLayer", "as_shape"]
 
 
 def as_shape(value, name: str, rank: int | Sequence[int] | None = None) -> tuple[int, ...]:
@@ -49,6 +49,72 @@ class ParameterLayer(keras.layers.Layer):
         )
         setattr(self, name, weight)
         return weight
+
+
+class NetworkContract:
+    """What a bijector's conditioner must do: map `[N, *input_shape]` to a pair `[N, *output_shape]` each.
+
+    Shared by every network-holding bijector, so the sizing of tfp_nvp networks, the check at construction and
+    the error messages are the same everywhere. `labels` name the pair in messages, e.g. ("shift", "log_scale").
+    """
+
+    def __init__(self, input_shape, output_shape, labels: tuple[str, str], conditional_shape=None):
+        self.input_shape = tuple(input_shape)
+        self.output_shape = tuple(output_shape)
+        self.labels = labels
+        self.conditional_shape = conditional_shape
+
+    def size(self, network):
+        """Gives an unsized tfp_nvp network its output width; returns any callable unchanged."""
+        from tfp_nvp import networks  # local: the bijectors stay importable without the network zoo
+
+        width = self.output_shape[-1]
+        if isinstance(network, networks.DenseNetwork) and network.output_units is None:
+            network.output_units = width
+        elif isinstance(network, networks.ConvResNet) and network.output_channels is None:
+            network.output_channels = width
+        if not callable(network):
+            raise ValueError(f"`network` must be a Keras layer/model or a callable; got {type(network).__name__}.")
+        return network
+
+    def split(self, out):
+        """The network's output as a pair: it may return the pair itself or one tensor holding both."""
+        first, second = self.labels
+        if isinstance(out, (tuple, list)) and len(out) == 2:
+            return tf.convert_to_tensor(out[0]), tf.convert_to_tensor(out[1])
+        if isinstance(out, (tuple, list)) or not hasattr(out, "shape"):
+            raise ValueError(f"`network` must return ({first}, {second}) or one tensor holding both on its last axis.")
+        out = tf.convert_to_tensor(out)
+        width = self.output_shape[-1]
+        if out.shape[-1] != 2 * width:
+            raise ValueError(
+                f"`network` returned one tensor of shape {list(out.shape)}; a single output must have last axis "
+                f"2 * {width} ({first} then {second}), or return a ({first}, {second}) pair."
+            )
+        return tf.split(out, 2, axis=-1)
+
+    def check(self, call, dtype):
+        """Builds the network through `call(x, c)` on a dummy batch, so shape errors surface at construction."""
+        x = tf.zeros((2,) + self.input_shape, dtype)
+        c = None if self.conditional_shape is None else tf.zeros((2,) + tuple(self.conditional_shape), dtype)
+        try:
+            pair = self.split(call(x, c))
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - re-raised with the contract spelled out
+            raise ValueError(
+                f"`network` failed on an input of shape {[2, *self.input_shape]}"
+                + ("" if c is None else f" with conditional_input of shape {[2, *self.conditional_shape]}")
+                + f": {type(e).__name__}: {e}"
+            ) from e
+        first, second = self.labels
+        for label, t in zip(self.labels, pair):
+            if list(t.shape) != [2, *self.output_shape]:
+                raise ValueError(
+                    f"`network` must return ({first}, {second}) each of shape [batch, *{list(self.output_shape)}] "
+                    f"for input [batch, *{list(self.input_shape)}]; its {label} has shape {list(t.shape)} for "
+                    f"input {[2, *self.input_shape]}."
+                )
 
 
 def _backing_variables(layers: Iterable) -> list[tf.Variable]:

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfp_nvp.bijectors._base import KerasParameterizedBijector, ParameterLayer, as_shape
+from tfp_nvp.bijectors._base import KerasParameterizedBijector, NetworkContract, ParameterLayer, as_shape
 
 __all__ = ["AffineCoupling", "VECTOR_MASKS", "IMAGE_MASKS", "LOG_SCALE_BOUNDS"]
 
@@ -84,6 +84,8 @@ class AffineCoupling(KerasParameterizedBijector):
         )
         with tf.name_scope(name) as name:
             self._setup_mask(mask, event_shape)
+            self._contract = NetworkContract(self._network_input_shape, self._param_shape, ("shift", "log_scale"),
+                                             self._conditional_shape)
             network = self._setup_network(network, hidden_units, dtype, name)
             holder = ParameterLayer(name=f"{name.rstrip('/')}_params", dtype=dtype.name)
             if log_scale_bound == "tanh":
@@ -91,7 +93,7 @@ class AffineCoupling(KerasParameterizedBijector):
                 holder.add("scale", scale_shape, "ones")
             self._holder = holder
             self._network = network
-            self._check_network(dtype)
+            self._contract.check(self._call_network, dtype)
             # TFP keys its cache on `parameters`: the network and the parameter layer are unique per
             # instance, so two equal-config couplings never return each other's cached results.
             parameters["network"] = network
@@ -167,54 +169,12 @@ class AffineCoupling(KerasParameterizedBijector):
                 width = hidden_units if isinstance(hidden_units, int) else max(hidden_units)
                 network = networks.ConvResNet(hidden_channels=width, output_channels=out, dtype=dtype.name,
                                               name=f"{name.rstrip('/')}_network")
-        elif isinstance(network, networks.DenseNetwork) and network.output_units is None:
-            network.output_units = out
-        elif isinstance(network, networks.ConvResNet) and network.output_channels is None:
-            network.output_channels = out
-        if not callable(network):
-            raise ValueError(f"`network` must be a Keras layer/model or a callable; got {type(network).__name__}.")
-        return network
-
-    def _check_network(self, dtype):
-        """Builds the network on a dummy batch and checks what it returns, so shape errors surface here."""
-        x_a = tf.zeros((2,) + self._network_input_shape, dtype)
-        c = None if self._conditional_shape is None else tf.zeros((2,) + self._conditional_shape, dtype)
-        try:
-            shift, log_scale = self._split_output(self._call_network(x_a, c))
-        except ValueError:
-            raise
-        except Exception as e:  # noqa: BLE001 - re-raised with the contract spelled out
-            raise ValueError(
-                f"`network` failed on an input of shape {[2, *self._network_input_shape]}"
-                + ("" if c is None else f" with conditional_input of shape {[2, *self._conditional_shape]}")
-                + f": {type(e).__name__}: {e}"
-            ) from e
-        expected = [2, *self._param_shape]
-        for label, t in (("shift", shift), ("log_scale", log_scale)):
-            if list(t.shape) != expected:
-                raise ValueError(
-                    f"`network` must return (shift, log_scale) each of shape [batch, *{list(self._param_shape)}] "
-                    f"for input [batch, *{list(self._network_input_shape)}]; its {label} has shape "
-                    f"{list(t.shape)} for input {[2, *self._network_input_shape]}."
-                )
+        return self._contract.size(network)
 
     def _call_network(self, x_a, conditional_input):
         if conditional_input is None:
             return self._network(x_a)
         return self._network(x_a, conditional_input=conditional_input)
-
-    def _split_output(self, out):
-        if isinstance(out, (tuple, list)) and len(out) == 2:
-            return tf.convert_to_tensor(out[0]), tf.convert_to_tensor(out[1])
-        if isinstance(out, (tuple, list)) or not hasattr(out, "shape"):
-            raise ValueError("`network` must return (shift, log_scale) or one tensor holding both on its last axis.")
-        out = tf.convert_to_tensor(out)
-        if out.shape[-1] != 2 * self._param_shape[-1]:
-            raise ValueError(
-                f"`network` returned one tensor of shape {list(out.shape)}; a single output must have last axis "
-                f"2 * {self._param_shape[-1]} (shift then log_scale), or return a (shift, log_scale) pair."
-            )
-        return tf.split(out, 2, axis=-1)
 
     # ----------------------------------------------------------------------------------------- properties
     @property
@@ -285,7 +245,7 @@ class AffineCoupling(KerasParameterizedBijector):
                 f"{self.name} was built with conditional_shape={list(self._conditional_shape)}: pass "
                 f"bijector_kwargs={{'{self.name}': {{'conditional_input': c}}}} (see tfp_nvp.conditional_kwargs)."
             )
-        shift, h = self._split_output(self._call_network(flat, c))
+        shift, h = self._contract.split(self._call_network(flat, c))
         shape = tf.concat([batch_shape, self._param_shape], 0)
         shift = tf.reshape(tf.cast(shift, x_a.dtype), shape)
         h = tf.reshape(tf.cast(h, x_a.dtype), shape)

@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
 
-from tfp_nvp.bijectors._base import KerasParameterizedBijector, as_shape
+from tfp_nvp.bijectors._base import KerasParameterizedBijector, NetworkContract, as_shape
 
 __all__ = ["FactorOut", "OnChannels"]
 
@@ -123,9 +123,10 @@ class FactorOut(KerasParameterizedBijector):
         self._keep_shape = tuple(event_shape[:-1]) + (self._num_keep,)
         self._exit_shape = tuple(event_shape[:-1]) + (exit_channels,)
         with tf.name_scope(name) as name:
+            self._contract = NetworkContract(self._keep_shape, self._exit_shape, ("mu", "log_sigma"))
             network = self._setup_network(network, dtype, name.rstrip("/"))
             self._network = network
-            self._check_network(dtype)
+            self._contract.check(lambda x, _: self._network(x), dtype)
             # The network is unique per instance, so equal-config splits never share TFP's cache.
             parameters["network"] = network
             self._track_layers([network])
@@ -139,8 +140,6 @@ class FactorOut(KerasParameterizedBijector):
             )
 
     def _setup_network(self, network, dtype, name):
-        from tfp_nvp import networks  # local import keeps bijectors importable without the network zoo
-
         e = self._num_exit
         if network is None:
             if len(self._event_shape_) == 3:
@@ -149,42 +148,7 @@ class FactorOut(KerasParameterizedBijector):
             else:
                 network = keras.layers.Dense(2 * e, kernel_initializer="zeros", dtype=dtype.name,
                                              name=f"{name}_prior")
-        elif isinstance(network, networks.ConvResNet) and network.output_channels is None:
-            network.output_channels = e
-        elif isinstance(network, networks.DenseNetwork) and network.output_units is None:
-            network.output_units = e
-        if not callable(network):
-            raise ValueError(f"`network` must be a Keras layer/model or a callable; got {type(network).__name__}.")
-        return network
-
-    def _check_network(self, dtype):
-        x_keep = tf.zeros((2,) + self._keep_shape, dtype)
-        try:
-            mean, log_sigma = self._split_output(self._network(x_keep))
-        except ValueError:
-            raise
-        except Exception as e:  # noqa: BLE001 - re-raised with the contract spelled out
-            raise ValueError(f"`network` failed on an input of shape {[2, *self._keep_shape]}: "
-                             f"{type(e).__name__}: {e}") from e
-        for label, t in (("mu", mean), ("log_sigma", log_sigma)):
-            if list(t.shape) != [2, *self._exit_shape]:
-                raise ValueError(
-                    f"`network` must return (mu, log_sigma) each of shape [batch, *{list(self._exit_shape)}] for "
-                    f"input [batch, *{list(self._keep_shape)}]; its {label} has shape {list(t.shape)}."
-                )
-
-    def _split_output(self, out):
-        if isinstance(out, (tuple, list)) and len(out) == 2:
-            return tf.convert_to_tensor(out[0]), tf.convert_to_tensor(out[1])
-        if isinstance(out, (tuple, list)) or not hasattr(out, "shape"):
-            raise ValueError("`network` must return (mu, log_sigma) or one tensor holding both on its last axis.")
-        out = tf.convert_to_tensor(out)
-        if out.shape[-1] != 2 * self._num_exit:
-            raise ValueError(
-                f"`network` returned one tensor of shape {list(out.shape)}; a single output must have last axis "
-                f"2 * {self._num_exit} (mu then log_sigma), or return a (mu, log_sigma) pair."
-            )
-        return tf.split(out, 2, axis=-1)
+        return self._contract.size(network)
 
     # ----------------------------------------------------------------------------------------- properties
     @property
@@ -210,7 +174,7 @@ class FactorOut(KerasParameterizedBijector):
         """(mu, log_sigma) for every batch member, whatever the batch rank."""
         batch_shape = tf.shape(x_keep)[: -len(self._event_shape_)]
         flat = tf.reshape(x_keep, (-1,) + self._keep_shape)
-        mean, log_sigma = self._split_output(self._network(flat))
+        mean, log_sigma = self._contract.split(self._network(flat))
         shape = tf.concat([batch_shape, self._exit_shape], 0)
         return tf.reshape(tf.cast(mean, x_keep.dtype), shape), tf.reshape(tf.cast(log_sigma, x_keep.dtype), shape)
 
