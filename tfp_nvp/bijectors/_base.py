@@ -8,7 +8,8 @@ import keras
 import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
 
-__all__ = ["KerasParameterizedBijector", "NetworkContract", "ParameterLayer", "as_shape"]
+__all__ = ["KerasParameterizedBijector", "NetworkContract", "ParameterLayer", "as_float_dtype", "as_shape",
+           "check_event"]
 
 
 def as_shape(value, name: str, rank: int | Sequence[int] | None = None) -> tuple[int, ...]:
@@ -29,6 +30,23 @@ def as_shape(value, name: str, rank: int | Sequence[int] | None = None) -> tuple
                 f"([D] for vectors, [H, W, C] for images); got {shape}."
             )
     return shape
+
+
+def as_float_dtype(dtype) -> tf.DType:
+    """The `tf.DType` for `dtype`, which must be floating: network weights and log-dets need it."""
+    dtype = tf.as_dtype(dtype)
+    if not dtype.is_floating:
+        raise ValueError(f"`dtype` must be a floating dtype such as tf.float32; got {dtype.name}.")
+    return dtype
+
+
+def check_event(bijector, x, arg: str, event_shape) -> None:
+    """Rejects an `x` whose static trailing shape is not `event_shape`, naming the argument and the bijector."""
+    rank = len(event_shape)
+    if x.shape.rank is not None and (x.shape.rank < rank or not x.shape[-rank:].is_compatible_with(event_shape)):
+        raise ValueError(
+            f"`{arg}` must have shape [..., {', '.join(map(str, event_shape))}] for {bijector.name}; got {x.shape}."
+        )
 
 
 @keras.saving.register_keras_serializable(package="tfp_nvp")
@@ -146,6 +164,14 @@ class KerasParameterizedBijector(tfb.Bijector):
         self._keras_layers = list(layers)
         # Plain attribute on purpose: tf.Module's variable walk reads it.
         self._tf_variables = _backing_variables(self._keras_layers)
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        """The event shape this bijector was built for."""
+        return self._event_shape_
+
+    def _check_event(self, x, arg):
+        check_event(self, x, arg, self._event_shape_)
 
     @property
     def keras_layers(self) -> list:

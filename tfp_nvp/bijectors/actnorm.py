@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfp_nvp.bijectors._base import KerasParameterizedBijector, ParameterLayer, as_shape
+from tfp_nvp.bijectors._base import KerasParameterizedBijector, ParameterLayer, as_float_dtype, as_shape
 
 __all__ = ["ActNorm"]
 
@@ -61,9 +61,7 @@ class ActNorm(KerasParameterizedBijector):
     ):
         parameters = dict(locals())
         event_shape = as_shape(event_shape, "event_shape", rank=(1, 3))
-        dtype = tf.as_dtype(dtype)
-        if not dtype.is_floating:
-            raise ValueError(f"`dtype` must be a floating dtype such as tf.float32; got {dtype.name}.")
+        dtype = as_float_dtype(dtype)
         if not np.isfinite(epsilon) or epsilon <= 0:
             raise ValueError(f"`epsilon` must be a positive finite float; got {epsilon!r}.")
         self._event_shape_ = event_shape
@@ -91,10 +89,6 @@ class ActNorm(KerasParameterizedBijector):
             )
 
     # ----------------------------------------------------------------------------------------- properties
-    @property
-    def event_shape(self) -> tuple[int, ...]:
-        return self._event_shape_
-
     @property
     def log_scale(self):
         """The per-channel log-scale `a` (a Keras weight)."""
@@ -144,16 +138,6 @@ class ActNorm(KerasParameterizedBijector):
             return tf.identity(self._holder.log_scale.value), tf.identity(self._holder.shift.value)
 
     # ----------------------------------------------------------------------------------------- math
-    def _check_event(self, x, arg):
-        rank = len(self._event_shape_)
-        if x.shape.rank is not None and (
-            x.shape.rank < rank or not x.shape[-rank:].is_compatible_with(self._event_shape_)
-        ):
-            raise ValueError(
-                f"`{arg}` must have shape [..., {', '.join(map(str, self._event_shape_))}] for {self.name}; "
-                f"got {x.shape}."
-            )
-
     def _log_det(self, log_scale, x):
         total = tf.cast(self._num_positions, log_scale.dtype) * tf.reduce_sum(log_scale)
         return tf.broadcast_to(total, tf.shape(x)[: -len(self._event_shape_)])

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfp_nvp.bijectors._base import KerasParameterizedBijector, ParameterLayer, as_shape
+from tfp_nvp.bijectors._base import KerasParameterizedBijector, ParameterLayer, as_float_dtype, as_shape
 
 __all__ = ["Invertible1x1Conv", "random_rotation"]
 
@@ -74,9 +74,7 @@ class Invertible1x1Conv(KerasParameterizedBijector):
     ):
         parameters = dict(locals())
         event_shape = as_shape(event_shape, "event_shape", rank=(1, 3))
-        dtype = tf.as_dtype(dtype)
-        if not dtype.is_floating:
-            raise ValueError(f"`dtype` must be a floating dtype such as tf.float32; got {dtype.name}.")
+        dtype = as_float_dtype(dtype)
         if seed is not None and (isinstance(seed, bool) or int(seed) != seed or seed < 0):
             raise ValueError(f"`seed` must be None or a non-negative integer; got {seed!r}.")
         self._event_shape_ = event_shape
@@ -114,10 +112,6 @@ class Invertible1x1Conv(KerasParameterizedBijector):
 
     # ----------------------------------------------------------------------------------------- properties
     @property
-    def event_shape(self) -> tuple[int, ...]:
-        return self._event_shape_
-
-    @property
     def lu_decomposed(self) -> bool:
         return self._lu
 
@@ -153,16 +147,6 @@ class Invertible1x1Conv(KerasParameterizedBijector):
         return tf.linalg.slogdet(self.matrix())[1]
 
     # ----------------------------------------------------------------------------------------- math
-    def _check_event(self, x, arg):
-        rank = len(self._event_shape_)
-        if x.shape.rank is not None and (
-            x.shape.rank < rank or not x.shape[-rank:].is_compatible_with(self._event_shape_)
-        ):
-            raise ValueError(
-                f"`{arg}` must have shape [..., {', '.join(map(str, self._event_shape_))}] for {self.name}; "
-                f"got {x.shape}."
-            )
-
     @staticmethod
     def _mix(x, matrix):
         # Row vector times matrix over the last axis, for any number of leading dimensions.

@@ -10,7 +10,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfp_nvp.bijectors._base import KerasParameterizedBijector, NetworkContract, ParameterLayer, as_shape
+from tfp_nvp.bijectors._base import (
+    KerasParameterizedBijector,
+    NetworkContract,
+    ParameterLayer,
+    as_float_dtype,
+    as_shape,
+)
 
 __all__ = ["AffineCoupling", "VECTOR_MASKS", "IMAGE_MASKS", "LOG_SCALE_BOUNDS"]
 
@@ -71,9 +77,7 @@ class AffineCoupling(KerasParameterizedBijector):
     ):
         parameters = dict(locals())
         event_shape = as_shape(event_shape, "event_shape", rank=(1, 3))
-        dtype = tf.as_dtype(dtype)
-        if not dtype.is_floating:
-            raise ValueError(f"`dtype` must be a floating dtype such as tf.float32; got {dtype.name}.")
+        dtype = as_float_dtype(dtype)
         if log_scale_bound not in LOG_SCALE_BOUNDS:
             raise ValueError(f"`log_scale_bound` must be one of {LOG_SCALE_BOUNDS}; got {log_scale_bound!r}.")
         self._event_shape_ = event_shape
@@ -197,20 +201,7 @@ class AffineCoupling(KerasParameterizedBijector):
         """Per-example shape of `shift` and `log_scale`."""
         return self._param_shape
 
-    @property
-    def event_shape(self) -> tuple[int, ...]:
-        return self._event_shape_
-
     # ----------------------------------------------------------------------------------------- math
-    def _check_event(self, x, arg):
-        tail = x.shape[-len(self._event_shape_):] if x.shape.rank is not None else None
-        if tail is not None and (x.shape.rank < len(self._event_shape_) or
-                                 not tail.is_compatible_with(self._event_shape_)):
-            raise ValueError(
-                f"`{arg}` must have shape [..., {', '.join(map(str, self._event_shape_))}] for {self.name}; "
-                f"got {x.shape}."
-            )
-
     def _split(self, x):
         if self._gather:
             return tf.gather(x, self._idx_a, axis=-1), tf.gather(x, self._idx_b, axis=-1)

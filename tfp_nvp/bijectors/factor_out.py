@@ -28,17 +28,15 @@ import keras
 import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
 
-from tfp_nvp.bijectors._base import KerasParameterizedBijector, NetworkContract, as_shape
+from tfp_nvp.bijectors._base import (
+    KerasParameterizedBijector,
+    NetworkContract,
+    as_float_dtype,
+    as_shape,
+    check_event,
+)
 
 __all__ = ["FactorOut", "OnChannels"]
-
-
-def _check_event(bijector, x, arg, event_shape):
-    rank = len(event_shape)
-    if x.shape.rank is not None and (x.shape.rank < rank or not x.shape[-rank:].is_compatible_with(event_shape)):
-        raise ValueError(
-            f"`{arg}` must have shape [..., {', '.join(map(str, event_shape))}] for {bijector.name}; got {x.shape}."
-        )
 
 
 def _num_exit(channels: int, num_exit_channels, exit_fraction) -> int:
@@ -107,9 +105,7 @@ class FactorOut(KerasParameterizedBijector):
     ):
         parameters = dict(locals())
         event_shape = as_shape(event_shape, "event_shape", rank=(1, 3))
-        dtype = tf.as_dtype(dtype)
-        if not dtype.is_floating:
-            raise ValueError(f"`dtype` must be a floating dtype such as tf.float32; got {dtype.name}.")
+        dtype = as_float_dtype(dtype)
         channels = event_shape[-1]
         if channels < 2:
             raise ValueError(
@@ -152,10 +148,6 @@ class FactorOut(KerasParameterizedBijector):
 
     # ----------------------------------------------------------------------------------------- properties
     @property
-    def event_shape(self) -> tuple[int, ...]:
-        return self._event_shape_
-
-    @property
     def num_keep_channels(self) -> int:
         """`k`: the leading channels that stay in the flow."""
         return self._num_keep
@@ -182,23 +174,23 @@ class FactorOut(KerasParameterizedBijector):
         return tf.reduce_sum(t, axis=list(range(-len(self._event_shape_), 0)))
 
     def _forward(self, x):
-        _check_event(self, x, "x", self._event_shape_)
+        self._check_event(x, "x")
         keep, z_exit = x[..., : self._num_keep], x[..., self._num_keep:]
         mean, log_sigma = self._prior(keep)
         return tf.concat([keep, z_exit * tf.exp(log_sigma) + mean], axis=-1)
 
     def _inverse(self, y):
-        _check_event(self, y, "y", self._event_shape_)
+        self._check_event(y, "y")
         keep, x_exit = y[..., : self._num_keep], y[..., self._num_keep:]
         mean, log_sigma = self._prior(keep)
         return tf.concat([keep, (x_exit - mean) * tf.exp(-log_sigma)], axis=-1)
 
     def _forward_log_det_jacobian(self, x):
-        _check_event(self, x, "x", self._event_shape_)
+        self._check_event(x, "x")
         return self._reduce_event(self._prior(x[..., : self._num_keep])[1])
 
     def _inverse_log_det_jacobian(self, y):
-        _check_event(self, y, "y", self._event_shape_)
+        self._check_event(y, "y")
         return -self._reduce_event(self._prior(y[..., : self._num_keep])[1])
 
 
@@ -285,21 +277,21 @@ class OnChannels(tfb.Bijector):
         return x[..., : self._num_channels], x[..., self._num_channels:]
 
     def _forward(self, x, **kwargs):
-        _check_event(self, x, "x", self._event_shape_)
+        check_event(self, x, "x", self._event_shape_)
         inner, rest = self._split(x)
         return tf.concat([self._bijector.forward(inner, **kwargs), rest], axis=-1)
 
     def _inverse(self, y, **kwargs):
-        _check_event(self, y, "y", self._event_shape_)
+        check_event(self, y, "y", self._event_shape_)
         inner, rest = self._split(y)
         return tf.concat([self._bijector.inverse(inner, **kwargs), rest], axis=-1)
 
     def _forward_log_det_jacobian(self, x, **kwargs):
-        _check_event(self, x, "x", self._event_shape_)
+        check_event(self, x, "x", self._event_shape_)
         return self._bijector.forward_log_det_jacobian(
             self._split(x)[0], event_ndims=len(self._event_shape_), **kwargs)
 
     def _inverse_log_det_jacobian(self, y, **kwargs):
-        _check_event(self, y, "y", self._event_shape_)
+        check_event(self, y, "y", self._event_shape_)
         return self._bijector.inverse_log_det_jacobian(
             self._split(y)[0], event_ndims=len(self._event_shape_), **kwargs)
