@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+# The class `tfd.TransformedDistribution(...)` actually returns for bijectors that are not CompositeTensors (ours
+# are not); subclassing the public class would make the flow a CompositeTensor that cannot build its type spec.
+from tensorflow_probability.python.distributions.transformed_distribution import _TransformedDistribution
 
-from tfp_nvp.bijectors._base import as_shape
+from tfp_nvp.bijectors._base import as_shape, check_dtype, check_event
 from tfp_nvp.bijectors.actnorm import ActNorm
 from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
 from tfp_nvp.bijectors.coupling import AffineCoupling
 from tfp_nvp.bijectors.factor_out import FactorOut, OnChannels
+from tfp_nvp.bijectors.logit import LogitTransform
 from tfp_nvp.bijectors.squeeze import Squeeze
 from tfp_nvp.networks import ConvResNet, DenseNetwork
 
@@ -39,6 +44,53 @@ def _check_base(base, event_shape, dtype):
     return base
 
 
+class _Flow(_TransformedDistribution):
+    """The distribution the builders return: TFP's transformed distribution plus checks on the data it scores.
+
+    `log_prob` (and `prob`) reject data of the wrong event shape or dtype with one message naming `x` and the
+    flow, instead of an error from whichever bijector meets the data first; with `validate_args=True` they also
+    raise `InvalidArgumentError` for non-finite data. With `support` (a bijector with `outside_support`, the one
+    nearest the data) data outside the flow's image gets log-density `-inf`: the flow puts no mass there. Those
+    points are swapped for an interior point before the flow runs and their result is then replaced (the
+    double-where pattern), so a batch mixing both kinds has finite log-densities and gradients for the rest.
+    """
+
+    def __init__(self, distribution, bijector, support=None, validate_args=False, name=None):
+        parameters = dict(locals())
+        self._support = support
+        super().__init__(distribution, bijector, validate_args=validate_args, parameters=parameters, name=name)
+
+    @classmethod
+    def _parameter_properties(cls, dtype, num_classes=None):
+        # `support` is a parameter-free bijector of the architecture: the batchable parts are the parent's.
+        return _TransformedDistribution._parameter_properties(dtype, num_classes=num_classes)
+
+    def _log_prob(self, x, **kwargs):
+        check_dtype(f"{self.name}.log_prob", x, "x", self.dtype)
+        # With validate_args the flow computes from the checked `x`, so no layer (an initialising ActNorm)
+        # acts on data that fails a check.
+        x = check_event(self, x, "x", self.event_shape.as_list())
+        if self._support is None:
+            return super()._log_prob(x, **kwargs)
+        outside = self._support.outside_support(x)
+        if self.validate_args:
+            check = tf.debugging.Assert(
+                tf.logical_not(tf.reduce_any(outside)),
+                [f"`x` passed to {self.name}.log_prob must lie in the open interval "
+                 f"({self._support.low:.6g}, {self._support.high:.6g}), the support of the flow (data in [0, 1) "
+                 "is inside); min and max given:", tf.reduce_min(x), tf.reduce_max(x)],
+                name="assert_in_support",
+            )
+            with tf.control_dependencies([check]):
+                x = tf.identity(x)
+        inside_point = tf.constant(0.5 * (self._support.low + self._support.high), x.dtype)
+        safe = tf.where(outside, inside_point, x)
+        event_axes = list(range(-self.event_shape.rank, 0))
+        any_outside = tf.reduce_any(outside, axis=event_axes)
+        log_prob = super()._log_prob(safe, **kwargs)
+        return tf.where(any_outside, tf.constant(-np.inf, log_prob.dtype), log_prob)
+
+
 def _remember(dist, builder: str, config: dict):
     # FlowModel.get_config needs to rebuild the same flow when a `.keras` file is loaded.
     dist._tfp_nvp_spec = {"builder": builder, "config": config}
@@ -60,6 +112,7 @@ def real_nvp(
     base_distribution: tfd.Distribution | None = None,
     dtype: str = "float32",
     seed: int | None = None,
+    validate_args: bool = False,
     name: str = "real_nvp",
 ) -> tfd.TransformedDistribution:
     """RealNVP: a chain of affine couplings whose mask flips from layer to layer.
@@ -74,7 +127,9 @@ def real_nvp(
     `bijector_kwargs=tfp_nvp.conditional_kwargs(flow, c)`.
 
     Returns a `tfd.TransformedDistribution` (base `N(0, I)` unless `base_distribution` is given) whose
-    `sample`, `log_prob` and `prob` come from TFP; `forward` maps base samples to data.
+    `sample`, `log_prob` and `prob` come from TFP; `forward` maps base samples to data. `log_prob` rejects data
+    of the wrong event shape or dtype (cast float64 data to a float32 flow yourself); `validate_args=True` makes
+    it and every bijector also raise `InvalidArgumentError` for non-finite data (at some cost per call).
 
     Example:
       >>> flow = real_nvp([2], num_coupling_layers=6, hidden_units=(64, 64))
@@ -91,7 +146,7 @@ def real_nvp(
         mask=mask, log_scale_bound=log_scale_bound, separate_towers=separate_towers, activation=activation,
         l2=l2, num_blocks=num_blocks, mixing=mixing,
         conditional_shape=None if conditional_shape is None else list(conditional_shape),
-        dtype=dtype, seed=seed, name=name,
+        dtype=dtype, seed=seed, validate_args=bool(validate_args), name=name,
     )
     if mixing not in (None, "conv1x1"):
         raise ValueError(f"`mixing` must be None or 'conv1x1'; got {mixing!r}.")
@@ -109,15 +164,16 @@ def real_nvp(
                                seed=layer_seed, dtype=dtype, name=f"{name}_net_{i}")
         if mixing == "conv1x1" and i > 0:
             couplings.append(Invertible1x1Conv(event_shape, seed=None if seed is None else int(seed) + 1000 * i + 1,
-                                               dtype=dtype, name=f"{name}_mixing_{i}"))
+                                               dtype=dtype, validate_args=validate_args, name=f"{name}_mixing_{i}"))
         couplings.append(
             AffineCoupling(event_shape, network=net, mask=mask, flip=i % 2 == 1, log_scale_bound=log_scale_bound,
-                           conditional_shape=conditional_shape, dtype=dtype, name=f"{name}_coupling_{i}")
+                           conditional_shape=conditional_shape, dtype=dtype, validate_args=validate_args,
+                           name=f"{name}_coupling_{i}")
         )
     # tfb.Chain's forward applies its list right to left, so sampling runs coupling_0 first and the density
     # (inverse) pass runs it last.
-    chain = tfb.Chain(list(reversed(couplings)), name=name)
-    dist = tfd.TransformedDistribution(base, chain, name=name)
+    chain = tfb.Chain(list(reversed(couplings)), validate_args=validate_args, name=name)
+    dist = _Flow(base, chain, validate_args=validate_args, name=name)
     if base_distribution is not None:
         config["base_distribution"] = "custom"
     return _remember(dist, "real_nvp", config)
@@ -143,6 +199,7 @@ def glow(
     base_distribution: tfd.Distribution | None = None,
     dtype: str = "float32",
     seed: int | None = None,
+    validate_args: bool = False,
     name: str = "glow",
 ) -> tfd.TransformedDistribution:
     """GLOW (Kingma & Dhariwal, 2018): a multi-scale flow of ActNorm -> invertible 1x1 conv -> affine coupling.
@@ -155,11 +212,14 @@ def glow(
     `tfp_nvp.networks.ConvResNet` (`hidden_channels`, `num_blocks`, zero-initialised head).
 
     The model is meant for data in `[0, 1)` (see `tfp_nvp.images.dequantize`). With `logit_alpha` set (the
-    default) the data side starts with RealNVP's logit transform `u = logit(alpha + (1 - 2 alpha) x)` (a chain
-    of `tfb.Sigmoid`, `tfb.Shift` and `tfb.Scale`, log-det included), so the flow models unbounded values.
-    Samples then land in `(-alpha, 1 - alpha) / (1 - 2 alpha)`, slightly wider than `[0, 1)` (clip them for
-    display); the mass outside the cube only makes bits/dim an upper bound. `None` models `x` directly. ActNorm layers initialise from the first data
-    batch (`tfp_nvp.initialize`). H and W must be divisible by `2 ** num_levels`.
+    default) the data side starts with RealNVP's logit transform `u = logit(alpha + (1 - 2 alpha) x)`
+    (`tfp_nvp.bijectors.logit.LogitTransform`, log-det included), so the flow models unbounded values. Its
+    support is the open interval `(-alpha, 1 - alpha) / (1 - 2 alpha)`, slightly wider than `[0, 1)`: samples land there
+    (clip them for display), the mass outside the cube only makes bits/dim an upper bound, and `log_prob` is
+    `-inf` for data with any value outside it (or, with `validate_args=True`, raises `InvalidArgumentError`).
+    `None` models `x` directly. `log_prob` rejects data of the wrong shape or dtype; `validate_args=True` also
+    checks that data are finite, inside every bijector too. ActNorm layers initialise from the first data batch
+    (`tfp_nvp.initialize`). H and W must be divisible by `2 ** num_levels`.
 
     Example:
       >>> flow = glow([8, 8, 1], num_levels=2, num_steps_per_level=2, hidden_channels=32)
@@ -194,9 +254,10 @@ def glow(
         image_shape=list(image_shape), num_levels=num_levels, num_steps_per_level=num_steps,
         hidden_channels=hidden_channels, num_blocks=num_blocks, exit_fraction=exit_fraction,
         lu_decomposed=lu_decomposed, log_scale_bound=log_scale_bound, l2=l2, logit_alpha=logit_alpha,
-        dtype=dtype, seed=seed, name=name,
+        dtype=dtype, seed=seed, validate_args=bool(validate_args), name=name,
     )
-    if logit_alpha is not None and not 0.0 <= logit_alpha < 0.5:
+    if logit_alpha is not None and (isinstance(logit_alpha, bool) or not isinstance(logit_alpha, (int, float))
+                                    or not 0.0 <= logit_alpha < 0.5):
         raise ValueError(f"`logit_alpha` must be in [0, 0.5) or None; got {logit_alpha!r}.")
     counter = iter(range(10**6))
 
@@ -204,38 +265,40 @@ def glow(
         return None if seed is None else int(seed) + 7919 * next(counter)
 
     def level(shape, index):
-        squeeze = Squeeze(shape, name=f"{name}_l{index}_squeeze")
+        squeeze = Squeeze(shape, validate_args=validate_args, name=f"{name}_l{index}_squeeze")
         h, w, c = squeeze.forward_event_shape(shape).as_list()
         inner = (h, w, c)
         # Listed data side first: tfb.Chain's inverse (the density pass) runs left to right.
-        parts = [tfb.Invert(squeeze)]
+        parts = [tfb.Invert(squeeze, validate_args=validate_args)]
         for step in range(num_steps):
             prefix = f"{name}_l{index}_s{step}"
             net = ConvResNet(hidden_channels=hidden_channels, num_blocks=num_blocks, l2=l2, seed=next_seed(),
                              dtype=dtype, name=f"{prefix}_net")
             parts += [
-                ActNorm(inner, dtype=dtype, name=f"{prefix}_actnorm"),
+                ActNorm(inner, dtype=dtype, validate_args=validate_args, name=f"{prefix}_actnorm"),
                 Invertible1x1Conv(inner, lu_decomposed=lu_decomposed, seed=next_seed(), dtype=dtype,
-                                  name=f"{prefix}_conv1x1"),
+                                  validate_args=validate_args, name=f"{prefix}_conv1x1"),
                 AffineCoupling(inner, network=net, mask="channel", flip=step % 2 == 1,
-                               log_scale_bound=log_scale_bound, dtype=dtype, name=f"{prefix}_coupling"),
+                               log_scale_bound=log_scale_bound, dtype=dtype, validate_args=validate_args,
+                               name=f"{prefix}_coupling"),
             ]
         if index < num_levels - 1:
-            split = FactorOut(inner, exit_fraction=exit_fraction, dtype=dtype, name=f"{name}_l{index}_split")
+            split = FactorOut(inner, exit_fraction=exit_fraction, dtype=dtype, validate_args=validate_args,
+                              name=f"{name}_l{index}_split")
             kept = c - split.num_exit_channels
-            parts += [split, OnChannels(level((h, w, kept), index + 1), kept, inner, name=f"{name}_l{index}_next")]
+            parts += [split, OnChannels(level((h, w, kept), index + 1), kept, inner, validate_args=validate_args,
+                                        name=f"{name}_l{index}_next")]
         parts.append(squeeze)
-        return tfb.Chain(parts, name=f"{name}_level_{index}")
+        return tfb.Chain(parts, validate_args=validate_args, name=f"{name}_level_{index}")
 
     base = _check_base(base_distribution, image_shape, dtype)
     bijector = level(image_shape, 0)
+    support = None
     if logit_alpha is not None:
-        # forward: u -> sigmoid(u) in (0, 1) -> (s - alpha) / (1 - 2 alpha) = x; parameter-free, so sharing
-        # TFP's cache between equal instances is harmless here.
-        to_data = [tfb.Scale(tf.constant(1.0 / (1.0 - 2.0 * logit_alpha), dtype)),
-                   tfb.Shift(tf.constant(-logit_alpha, dtype)), tfb.Sigmoid()]
-        bijector = tfb.Chain([*to_data, bijector], name=name)
-    dist = tfd.TransformedDistribution(base, bijector, name=name)
+        # Parameter-free, so sharing TFP's cache between equal instances is harmless here.
+        support = LogitTransform(float(logit_alpha), dtype=dtype, validate_args=validate_args, name=f"{name}_logit")
+        bijector = tfb.Chain([support, bijector], validate_args=validate_args, name=name)
+    dist = _Flow(base, bijector, support=support, validate_args=validate_args, name=name)
     if base_distribution is not None:
         config["base_distribution"] = "custom"
     return _remember(dist, "glow", config)
@@ -294,5 +357,12 @@ def conditional_kwargs(flow, conditional_input) -> dict:
     """
     routed = _route(_root_bijector(flow), conditional_input)
     if not routed:
-        raise ValueError("`flow` has no conditional bijectors: build it with `conditional_shape=`.")
+        raise ValueError(
+            "`conditional_input` was given but `flow` has no conditional bijectors: drop it, or build the flow "
+            "with `conditional_shape=`."
+        )
     return routed
+
+
+def _is_conditional(flow) -> bool:
+    return bool(_route(_root_bijector(flow), None))

@@ -5,6 +5,7 @@ from tfp_nvp.bijectors.actnorm import ActNorm
 from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
 from tfp_nvp.bijectors.coupling import AffineCoupling
 from tfp_nvp.bijectors.factor_out import FactorOut, OnChannels
+from tfp_nvp.bijectors.logit import LogitTransform
 from tfp_nvp.bijectors.squeeze import Squeeze
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "FactorOut",
     "Invertible1x1Conv",
     "KerasParameterizedBijector",
+    "LogitTransform",
     "OnChannels",
     "ParameterLayer",
     "Squeeze",

@@ -9,7 +9,7 @@ import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
 
 __all__ = ["KerasParameterizedBijector", "NetworkContract", "ParameterLayer", "as_float_dtype", "as_shape",
-           "check_event"]
+           "assert_finite", "check_dtype", "check_event"]
 
 
 def as_shape(value, name: str, rank: int | Sequence[int] | None = None) -> tuple[int, ...]:
@@ -40,13 +40,56 @@ def as_float_dtype(dtype) -> tf.DType:
     return dtype
 
 
-def check_event(bijector, x, arg: str, event_shape) -> None:
-    """Rejects an `x` whose static trailing shape is not `event_shape`, naming the argument and the bijector."""
+def check_event(bijector, x, arg: str, event_shape):
+    """Rejects an `x` whose static trailing shape is not `event_shape`, naming the argument and the bijector.
+
+    `bijector` is anything with a `name` (a distribution too); when its `validate_args` is set, `x` must also be
+    finite, and the returned `x` is gated on that check (see `assert_finite`): compute with the return value.
+    """
     rank = len(event_shape)
     if x.shape.rank is not None and (x.shape.rank < rank or not x.shape[-rank:].is_compatible_with(event_shape)):
         raise ValueError(
             f"`{arg}` must have shape [..., {', '.join(map(str, event_shape))}] for {bijector.name}; got {x.shape}."
         )
+    if getattr(bijector, "validate_args", False):
+        return assert_finite(x, arg, bijector.name)
+    return x
+
+
+def check_dtype(owner: str, x, arg: str, dtype) -> None:
+    """Rejects a tensor `x` whose dtype is not `dtype`, saying how to fix it.
+
+    TFP converts arrays and Python numbers to the flow's dtype itself and refuses tensors of another dtype with
+    a message that prints the whole tensor; this says the same in one line.
+    """
+    dtype = tf.as_dtype(dtype)
+    if not tf.is_tensor(x) or x.dtype == dtype:
+        return
+    if not x.dtype.is_floating:
+        raise TypeError(f"`{arg}` must be a floating tensor of dtype {dtype.name} for {owner}; got {x.dtype.name}.")
+    raise TypeError(
+        f"`{arg}` has dtype {x.dtype.name} but {owner} computes in {dtype.name}: cast it with "
+        f"tf.cast({arg}, tf.{dtype.name}) or build the flow with dtype='{x.dtype.name}'."
+    )
+
+
+def assert_finite(x, arg: str, owner: str):
+    """`x`, gated on a check that raises `InvalidArgumentError` naming `arg` and `owner` for a NaN or an Inf.
+
+    Eagerly the check raises at once. Inside `tf.function` an unconsumed assertion would still run (it is
+    stateful) but in parallel with everything else, so a variable update downstream (ActNorm's data-dependent
+    initialisation) could happen before it fails; the returned tensor carries the check as a control dependency,
+    so nothing computed from it runs on bad data. XLA drops the check.
+    """
+    finite = tf.math.is_finite(x)
+    check = tf.debugging.Assert(
+        tf.reduce_all(finite),
+        [f"`{arg}` passed to {owner} must be finite (no NaN or Inf); number of non-finite entries:",
+         tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.int32))],
+        name="assert_finite",
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(x)
 
 
 @keras.saving.register_keras_serializable(package="tfp_nvp")
@@ -171,7 +214,7 @@ class KerasParameterizedBijector(tfb.Bijector):
         return self._event_shape_
 
     def _check_event(self, x, arg):
-        check_event(self, x, arg, self._event_shape_)
+        return check_event(self, x, arg, self._event_shape_)
 
     @property
     def keras_layers(self) -> list:

@@ -157,17 +157,13 @@ class Invertible1x1Conv(KerasParameterizedBijector):
         return tf.broadcast_to(total, tf.shape(x)[: -len(self._event_shape_)])
 
     def _forward(self, x):
-        self._check_event(x, "x")
-        return self._mix(x, self.matrix())
+        return self._mix(self._check_event(x, "x"), self.matrix())
 
     def _inverse(self, y):
-        self._check_event(y, "y")
-        return self._mix(y, self.inverse_matrix())
+        return self._mix(self._check_event(y, "y"), self.inverse_matrix())
 
     def _forward_log_det_jacobian(self, x):
-        self._check_event(x, "x")
-        return self._log_det(x)
+        return self._log_det(self._check_event(x, "x"))
 
     def _inverse_log_det_jacobian(self, y):
-        self._check_event(y, "y")
-        return -self._log_det(y)
+        return -self._log_det(self._check_event(y, "y"))

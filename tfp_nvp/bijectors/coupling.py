@@ -16,6 +16,8 @@ from tfp_nvp.bijectors._base import (
     ParameterLayer,
     as_float_dtype,
     as_shape,
+    assert_finite,
+    check_dtype,
 )
 
 __all__ = ["AffineCoupling", "VECTOR_MASKS", "IMAGE_MASKS", "LOG_SCALE_BOUNDS"]
@@ -221,11 +223,21 @@ class AffineCoupling(KerasParameterizedBijector):
         flat = tf.reshape(x_a, tf.concat([[-1], self._network_input_shape], 0))
         c = None
         if conditional_input is not None:
+            check_dtype(self.name, conditional_input, "conditional_input", x_a.dtype)
             c = tf.convert_to_tensor(conditional_input, dtype=x_a.dtype)
-            if c.shape.rank is not None and c.shape[-1:] != self._conditional_shape:
+            if c.shape.rank is not None and (c.shape.rank == 0 or c.shape[-1:] != self._conditional_shape):
                 raise ValueError(
                     f"`conditional_input` must have shape [..., {self._conditional_shape[0]}]; got {c.shape}."
                 )
+            if self.validate_args:
+                c = assert_finite(c, "conditional_input", self.name)
+            try:  # statically known batch shapes: say which ones disagree instead of failing inside BroadcastArgs
+                tf.broadcast_static_shape(x_a.shape[:-n_event], c.shape[:-1])
+            except ValueError:
+                raise ValueError(
+                    f"`conditional_input` of shape {c.shape} must broadcast with the data's batch shape "
+                    f"{x_a.shape[:-n_event]} (batch dimensions before the event) in {self.name}."
+                ) from None
             batch_shape = tf.broadcast_dynamic_shape(batch_shape, tf.shape(c)[:-1])
             c = tf.reshape(tf.broadcast_to(c, tf.concat([batch_shape, self._conditional_shape], 0)),
                            [-1, self._conditional_shape[0]])
@@ -243,7 +255,8 @@ class AffineCoupling(KerasParameterizedBijector):
         if self._log_scale_bound == "tanh":
             log_scale = tf.cast(self._holder.scale.value, x_a.dtype) * tf.tanh(h)
         elif self._log_scale_bound == "sigmoid":
-            log_scale = tf.math.log_sigmoid(h + 2.0) - tf.cast(_LOG_SIGMOID_2, h.dtype)
+            # tf.constant, not a cast: casting a Python float goes through float32 and would round it.
+            log_scale = tf.math.log_sigmoid(h + 2.0) - tf.constant(_LOG_SIGMOID_2, h.dtype)
         else:
             log_scale = h
         if not self._gather:
@@ -273,32 +286,31 @@ class AffineCoupling(KerasParameterizedBijector):
                 return log_scale
         return None
 
-    def _log_scale_of(self, t, conditional_input):
+    def _log_scale_of(self, t, checked, conditional_input):
+        """The log-scale at `t`, remembered or computed from `checked` (`t` after its `validate_args` check)."""
         log_scale = self._recall(t, conditional_input)
         if log_scale is None:
-            log_scale = self._shift_log_scale(self._split(t)[0], conditional_input)[1]
+            log_scale = self._shift_log_scale(self._split(checked)[0], conditional_input)[1]
         return log_scale
 
+    # The memo is keyed on the tensors TFP passes in and out; the arithmetic uses the checked input, which is
+    # the same tensor unless `validate_args` gates it on its finiteness check.
     def _forward(self, x, conditional_input=None):
-        self._check_event(x, "x")
-        a, b = self._split(x)
+        a, b = self._split(self._check_event(x, "x"))
         shift, log_scale = self._shift_log_scale(a, conditional_input)
         y = self._merge(a, b * tf.exp(log_scale) + shift)
         self._remember((x, y), conditional_input, log_scale)
         return y
 
     def _inverse(self, y, conditional_input=None):
-        self._check_event(y, "y")
-        a, b = self._split(y)
+        a, b = self._split(self._check_event(y, "y"))
         shift, log_scale = self._shift_log_scale(a, conditional_input)
         x = self._merge(a, (b - shift) * tf.exp(-log_scale))
         self._remember((y, x), conditional_input, log_scale)
         return x
 
     def _forward_log_det_jacobian(self, x, conditional_input=None):
-        self._check_event(x, "x")
-        return self._reduce_event(self._log_scale_of(x, conditional_input))
+        return self._reduce_event(self._log_scale_of(x, self._check_event(x, "x"), conditional_input))
 
     def _inverse_log_det_jacobian(self, y, conditional_input=None):
-        self._check_event(y, "y")
-        return -self._reduce_event(self._log_scale_of(y, conditional_input))
+        return -self._reduce_event(self._log_scale_of(y, self._check_event(y, "y"), conditional_input))

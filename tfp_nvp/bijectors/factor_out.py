@@ -174,23 +174,23 @@ class FactorOut(KerasParameterizedBijector):
         return tf.reduce_sum(t, axis=list(range(-len(self._event_shape_), 0)))
 
     def _forward(self, x):
-        self._check_event(x, "x")
+        x = self._check_event(x, "x")
         keep, z_exit = x[..., : self._num_keep], x[..., self._num_keep:]
         mean, log_sigma = self._prior(keep)
         return tf.concat([keep, z_exit * tf.exp(log_sigma) + mean], axis=-1)
 
     def _inverse(self, y):
-        self._check_event(y, "y")
+        y = self._check_event(y, "y")
         keep, x_exit = y[..., : self._num_keep], y[..., self._num_keep:]
         mean, log_sigma = self._prior(keep)
         return tf.concat([keep, (x_exit - mean) * tf.exp(-log_sigma)], axis=-1)
 
     def _forward_log_det_jacobian(self, x):
-        self._check_event(x, "x")
+        x = self._check_event(x, "x")
         return self._reduce_event(self._prior(x[..., : self._num_keep])[1])
 
     def _inverse_log_det_jacobian(self, y):
-        self._check_event(y, "y")
+        y = self._check_event(y, "y")
         return -self._reduce_event(self._prior(y[..., : self._num_keep])[1])
 
 
@@ -277,21 +277,21 @@ class OnChannels(tfb.Bijector):
         return x[..., : self._num_channels], x[..., self._num_channels:]
 
     def _forward(self, x, **kwargs):
-        check_event(self, x, "x", self._event_shape_)
+        x = check_event(self, x, "x", self._event_shape_)
         inner, rest = self._split(x)
         return tf.concat([self._bijector.forward(inner, **kwargs), rest], axis=-1)
 
     def _inverse(self, y, **kwargs):
-        check_event(self, y, "y", self._event_shape_)
+        y = check_event(self, y, "y", self._event_shape_)
         inner, rest = self._split(y)
         return tf.concat([self._bijector.inverse(inner, **kwargs), rest], axis=-1)
 
     def _forward_log_det_jacobian(self, x, **kwargs):
-        check_event(self, x, "x", self._event_shape_)
+        x = check_event(self, x, "x", self._event_shape_)
         return self._bijector.forward_log_det_jacobian(
             self._split(x)[0], event_ndims=len(self._event_shape_), **kwargs)
 
     def _inverse_log_det_jacobian(self, y, **kwargs):
-        check_event(self, y, "y", self._event_shape_)
+        y = check_event(self, y, "y", self._event_shape_)
         return self._bijector.inverse_log_det_jacobian(
             self._split(y)[0], event_ndims=len(self._event_shape_), **kwargs)

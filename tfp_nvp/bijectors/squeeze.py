@@ -7,7 +7,7 @@ from typing import Sequence
 import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
 
-from tfp_nvp.bijectors._base import as_shape
+from tfp_nvp.bijectors._base import as_shape, check_event
 
 __all__ = ["Squeeze"]
 
@@ -58,9 +58,10 @@ class Squeeze(tfb.Bijector):
             self._chain = tfb.Chain(
                 [
                     tfb.Reshape(event_shape_out=self._event_shape_out,
-                                event_shape_in=(height // f, width // f, f, f, channels)),
-                    tfb.Transpose(perm=[0, 2, 1, 3, 4]),
-                    tfb.Reshape(event_shape_out=blocks, event_shape_in=self._event_shape_in),
+                                event_shape_in=(height // f, width // f, f, f, channels), validate_args=validate_args),
+                    tfb.Transpose(perm=[0, 2, 1, 3, 4], validate_args=validate_args),
+                    tfb.Reshape(event_shape_out=blocks, event_shape_in=self._event_shape_in,
+                                validate_args=validate_args),
                 ],
                 validate_args=validate_args,
                 name="space_to_depth",
@@ -93,24 +94,22 @@ class Squeeze(tfb.Bijector):
         return dict()
 
     def _check(self, x, arg, shape):
-        if x.shape.rank is not None and (x.shape.rank < 3 or not x.shape[-3:].is_compatible_with(shape)):
-            raise ValueError(f"`{arg}` must have shape [..., {', '.join(map(str, shape))}] for {self.name}; "
-                             f"got {x.shape}.")
+        return check_event(self, x, arg, shape)
 
     def _forward(self, x):
-        self._check(x, "x", self._event_shape_in)
+        x = self._check(x, "x", self._event_shape_in)
         return self._chain.forward(x)
 
     def _inverse(self, y):
-        self._check(y, "y", self._event_shape_out)
+        y = self._check(y, "y", self._event_shape_out)
         return self._chain.inverse(y)
 
     def _forward_log_det_jacobian(self, x):
-        self._check(x, "x", self._event_shape_in)
+        x = self._check(x, "x", self._event_shape_in)
         return self._chain.forward_log_det_jacobian(x, event_ndims=3)
 
     def _inverse_log_det_jacobian(self, y):
-        self._check(y, "y", self._event_shape_out)
+        y = self._check(y, "y", self._event_shape_out)
         return self._chain.inverse_log_det_jacobian(y, event_ndims=3)
 
     def _forward_event_shape(self, input_shape):
