@@ -16,6 +16,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+# Two logical CPUs for the whole session, so tests/test_distribute.py can run MirroredStrategy over two devices
+# in-process. TF fixes its device list on first use, and conftest is imported before any test module, so this
+# is the one place it reliably works. Code without a strategy still places every op on CPU:0, so the other
+# tests run exactly as on one device.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
+
 
 def randomize_variables(module, seed: int, scale: float = 1.0) -> None:
     """Assigns random normal values to every trainable variable reachable through `module` (TFP door).

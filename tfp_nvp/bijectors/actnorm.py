@@ -39,6 +39,13 @@ class ActNorm(KerasParameterizedBijector):
     The update is a `tf.cond` on the flag plus variable assignments, so it also runs inside
     `tf.function(jit_compile=True)` and the first step of `FlowModel.fit`.
 
+    Under tf.distribute. Created in a strategy's scope, the parameters are mirrored. When the first batch
+    arrives inside `strategy.run` (as in `fit` with MirroredStrategy or MultiWorkerMirroredStrategy), each
+    replica holds only its slice of the global batch; the statistics are then summed over all replicas and
+    workers, and every replica ends with the same parameters, those one device would compute from the whole
+    global batch (up to float32 rounding). Called outside `strategy.run`, the layer initialises from the batch
+    it is given.
+
     Sampling first. `forward` and `forward_log_det_jacobian` never initialise: before any data has been seen
     they use the current parameters (the identity, `a = b = 0`, for a fresh instance) and leave the flag at 0,
     so the first data batch to reach `inverse` still initialises the layer. Use `tfp_nvp.initialize(flow, x)`
@@ -111,23 +118,66 @@ class ActNorm(KerasParameterizedBijector):
     # ----------------------------------------------------------------------------------------- initialisation
     def _initialize_from(self, y):
         """Sets the parameters from the batch `y` unless the flag says it was done; returns whether it ran."""
+        if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() is False:
+            return self._initialize_across_replicas(y)
         flag = self._holder.initialized.value
-        log_scale = self._holder.log_scale.value
-        shift = self._holder.shift.value
         channels = self._event_shape_[-1]
 
         def initialize():
-            flat = tf.reshape(tf.cast(y, log_scale.dtype), [-1, channels])
-            mean, variance = tf.nn.moments(flat, axes=[0])
-            updates = [
-                shift.assign(mean),
-                log_scale.assign(0.5 * tf.math.log(variance + tf.cast(self._epsilon, variance.dtype))),
-            ]
-            with tf.control_dependencies(updates):
-                flag.assign(1)
-            return tf.constant(True)
+            flat = tf.reshape(tf.cast(y, self._holder.log_scale.dtype), [-1, channels])
+            return self._set_from_moments(*tf.nn.moments(flat, axes=[0]))
 
         return tf.cond(tf.convert_to_tensor(flag) > 0, lambda: tf.constant(False), initialize)
+
+    def _set_from_moments(self, mean, variance):
+        flag = self._holder.initialized.value
+        log_scale = self._holder.log_scale.value
+        shift = self._holder.shift.value
+        variance = tf.cast(variance, log_scale.dtype)
+        updates = [
+            shift.assign(tf.cast(mean, shift.dtype)),
+            log_scale.assign(0.5 * tf.math.log(variance + tf.cast(self._epsilon, variance.dtype))),
+        ]
+        with tf.control_dependencies(updates):
+            flag.assign(1)
+        return tf.constant(True)
+
+    def _initialize_across_replicas(self, y):
+        """The initialisation inside `strategy.run` (e.g. `fit` under a tf.distribute strategy).
+
+        Each replica holds a slice of the global batch, so the statistics are taken over all of them: every
+        replica contributes its count, sum and sum of squares per channel (in float64, where the one-pass
+        variance loses nothing that matters for float32 data), these are summed across replicas and workers,
+        and the parameters are assigned once, in cross-replica context, so every replica ends with the same
+        values, those a single device computes from the whole global batch.
+        The summation and the assignment sit inside `merge_call` behind the flag test: a synchronisation
+        point is not allowed inside a `tf.cond` branch of a replica, and this way it costs one cheap test of
+        the flag per call once the layer is initialised, instead of an all-reduce every step.
+        """
+        flag = self._holder.initialized.value
+        channels = self._event_shape_[-1]
+
+        def local_sums():
+            flat = tf.reshape(tf.cast(y, tf.float64), [-1, channels])
+            count = tf.cast(tf.shape(flat)[:1], tf.float64)
+            return tf.concat([count, tf.reduce_sum(flat, 0), tf.reduce_sum(tf.square(flat), 0)], axis=0)
+
+        sums = tf.cond(
+            tf.convert_to_tensor(flag) > 0, lambda: tf.zeros([1 + 2 * channels], tf.float64), local_sums
+        )
+
+        def merge(strategy, per_replica_sums):
+            def initialize():
+                total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_sums, axis=None)
+                count, first, second = total[0], total[1 : 1 + channels], total[1 + channels :]
+                mean = first / count
+                # The clip only guards rounding below zero for a (near-)constant channel.
+                variance = tf.maximum(second / count - tf.square(mean), 0.0)
+                return self._set_from_moments(mean, variance)
+
+            return tf.cond(tf.convert_to_tensor(flag) > 0, lambda: tf.constant(False), initialize)
+
+        return tf.distribute.get_replica_context().merge_call(merge, args=(sums,))
 
     def _read_parameters(self, data=None):
         """(log_scale, shift) as tensors, read after the data-dependent initialisation when `data` is given."""
@@ -143,19 +193,19 @@ class ActNorm(KerasParameterizedBijector):
         return tf.broadcast_to(total, tf.shape(x)[: -len(self._event_shape_)])
 
     def _forward(self, x):
-        self._check_event(x, "x")
+        x = self._check_event(x, "x")
         log_scale, shift = self._read_parameters()
         return x * tf.exp(log_scale) + shift
 
     def _inverse(self, y):
-        self._check_event(y, "y")
+        y = self._check_event(y, "y")
         log_scale, shift = self._read_parameters(y)
         return (y - shift) * tf.exp(-log_scale)
 
     def _forward_log_det_jacobian(self, x):
-        self._check_event(x, "x")
+        x = self._check_event(x, "x")
         return self._log_det(self._read_parameters()[0], x)
 
     def _inverse_log_det_jacobian(self, y):
-        self._check_event(y, "y")
+        y = self._check_event(y, "y")
         return -self._log_det(self._read_parameters(y)[0], y)
