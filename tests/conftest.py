@@ -96,3 +96,78 @@ def moons_entropy_coarse():
     from tfp_nvp.data import moons_entropy
 
     return moons_entropy(grid_step=0.02, arc_points=400)
+
+
+# --------------------------------------------------------------------------------------------- property tests
+# Hypothesis profiles for tests/test_properties.py (see its docstring). "ci" is the default: few examples, and
+# `derandomize=True` so every run checks the same configurations (derived from each test's source) and a
+# failure in CI reproduces locally with a plain rerun. "slow" explores fresh random configurations on every
+# run; select it with `pytest --hypothesis-profile=slow` or HYPOTHESIS_PROFILE=slow. Neither keeps an example
+# database: a failure prints its minimal example and a `@reproduce_failure` blob instead.
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+_HYPOTHESIS_COMMON = dict(deadline=None, database=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+# "ci" skips shrinking: one shrink of a failing flow configuration costs minutes, and the derandomized failing
+# example is already a concrete, reproducible configuration; "slow" shrinks to a minimal one.
+settings.register_profile("ci", max_examples=6, derandomize=True,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate], **_HYPOTHESIS_COMMON)
+settings.register_profile("slow", max_examples=40, **_HYPOTHESIS_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+class PropertyRecorder:
+    """Counts the configurations each property was checked on and keeps the largest error seen.
+
+    `check` records before it asserts, so the summary printed at the end of the run also shows a failing error.
+    """
+
+    def __init__(self):
+        self.configs: dict[str, int] = {}
+        self.errors: dict[tuple[str, str], tuple[int, float]] = {}
+        self.tolerances: dict[str, float] = {}
+
+    def example(self, subject: str) -> None:
+        self.configs[subject] = self.configs.get(subject, 0) + 1
+
+    def check(self, subject: str, prop: str, error: float, tolerance: float) -> None:
+        error = float(error) if np.isfinite(error) else float("inf")
+        count, worst = self.errors.get((subject, prop), (0, 0.0))
+        self.errors[(subject, prop)] = (count + 1, max(worst, error))
+        self.tolerances[prop] = max(tolerance, self.tolerances.get(prop, 0.0))
+        assert error <= tolerance, f"{subject}: {prop}: error {error:.3g} > tolerance {tolerance:.3g}"
+
+    def summary_lines(self) -> list[str]:
+        """One row per subject: configurations checked and the largest error of each property (- = n/a); the
+        last row gives the total number of configurations and the largest error of each property overall."""
+        props = list(self.tolerances)
+        width = max(len(s) for s in [*self.configs, "tolerance", "largest"]) + 2
+        cell = max(12, *(len(p) + 2 for p in props))
+        lines = [f"{'':<{width}}{'configs':>8}" + "".join(f"{p:>{cell}}" for p in props),
+                 f"{'tolerance':<{width}}{'':>8}" + "".join(f"{self.tolerances[p]:>{cell}.0e}" for p in props)]
+        for subject in sorted(self.configs):
+            cells = [self.errors.get((subject, p)) for p in props]
+            lines.append(f"{subject:<{width}}{self.configs[subject]:>8}"
+                         + "".join(f"{c[1]:>{cell}.1e}" if c else f"{'-':>{cell}}" for c in cells))
+        worst = [max((w for (_, q), (_, w) in self.errors.items() if q == p), default=0.0) for p in props]
+        lines.append(f"{'largest':<{width}}{sum(self.configs.values()):>8}" + "".join(f"{w:>{cell}.1e}" for w in worst))
+        return lines
+
+
+_PROPERTY_RECORDER = PropertyRecorder()
+
+
+@pytest.fixture(scope="session")
+def property_recorder():
+    """The session's `PropertyRecorder`; its table is printed in pytest's terminal summary."""
+    return _PROPERTY_RECORDER
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _PROPERTY_RECORDER.errors:
+        return
+    profile = terminalreporter.config.getoption("--hypothesis-profile", None) or os.environ.get(
+        "HYPOTHESIS_PROFILE", "ci")
+    terminalreporter.write_sep("-", f"property checks (hypothesis profile: {profile})")
+    for line in _PROPERTY_RECORDER.summary_lines():
+        terminalreporter.write_line(line)
