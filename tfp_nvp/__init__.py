@@ -11,12 +11,14 @@ from tfp_nvp.bijectors import (  # noqa: E402
     AffineCoupling,
     FactorOut,
     Invertible1x1Conv,
+    LogitTransform,
     OnChannels,
     Squeeze,
 )
 from tfp_nvp.flows import conditional_kwargs, flow_bijectors, glow, real_nvp, standard_normal  # noqa: E402
 from tfp_nvp.keras import FlowModel, flow_layers  # noqa: E402
 from tfp_nvp.initialize import initialize  # noqa: E402  (rebinds the submodule name to the function)
+from tfp_nvp.export import export_flow  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -26,10 +28,12 @@ __all__ = [
     "FactorOut",
     "FlowModel",
     "Invertible1x1Conv",
+    "LogitTransform",
     "OnChannels",
     "Squeeze",
     "conditional_kwargs",
     "data",
+    "export_flow",
     "flow_bijectors",
     "flow_layers",
     "glow",
