@@ -131,8 +131,42 @@ class FlowModel(keras.Model):
         if isinstance(inputs, dict):
             if "x" not in inputs:
                 raise ValueError(f"dict inputs need an 'x' entry; got keys {sorted(inputs)}.")
+            unknown = sorted(set(inputs) - {"x", "conditional_input"})
+            if unknown:  # a misspelt condition would otherwise be dropped without a word
+                raise ValueError(f"dict inputs take only the keys 'x' and 'conditional_input'; got also {unknown}.")
             return inputs["x"], inputs.get("conditional_input")
+        if isinstance(inputs, (list, tuple)):
+            raise TypeError(
+                f"FlowModel inputs must be a data batch `x` or a dict {{'x': x, 'conditional_input': c}}; got a "
+                f"{type(inputs).__name__} of {len(inputs)} items."
+            )
         return inputs, None
+
+    def _as_data(self, x, arg: str, continuous: bool):
+        """`x` as a tensor of the flow's dtype; floating data of another precision is cast (as Keras layers do)."""
+        try:
+            x = tf.convert_to_tensor(x)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"`{arg}` must be an array or tensor; got {type(x).__name__}.") from e
+        if x.dtype.is_floating:
+            return tf.cast(x, self._distribution.dtype)
+        if continuous or not x.dtype.is_integer:
+            hint = ("build FlowModel(flow, levels=L) to dequantize integer images in [0, L)" if self.levels is None
+                    else "dequantize integer images first, e.g. tfp_nvp.images.dequantize(x, levels)")
+            raise TypeError(f"`{arg}` must hold floating-point data here; got dtype {x.dtype.name} ({hint}).")
+        return x
+
+    def _check_condition(self, conditional_input):
+        if conditional_input is None and flows._is_conditional(self._distribution):
+            raise ValueError(
+                "`conditional_input` is required: this FlowModel's flow is conditional. Pass "
+                "log_prob(x, conditional_input=c) / sample(n, conditional_input=c), or dict inputs "
+                "{'x': x, 'conditional_input': c} to fit, evaluate and call."
+            )
+        if conditional_input is None:
+            return None
+        c = tf.convert_to_tensor(conditional_input)
+        return tf.cast(c, self._distribution.dtype) if c.dtype.is_floating else c
 
     def _bijector_kwargs(self, conditional_input):
         if conditional_input is None:
@@ -141,6 +175,7 @@ class FlowModel(keras.Model):
 
     def call(self, inputs, training=False):
         x, c = self._unpack(inputs)
+        x, c = self._as_data(x, "x", continuous=self.levels is None), self._check_condition(c)
         if self.levels is not None:
             # Fresh uniform noise every batch: the flow never sees the same continuous point twice, which is
             # what keeps a flow on a small discrete dataset from overfitting the dequantization.
@@ -148,24 +183,38 @@ class FlowModel(keras.Model):
         return self._distribution.log_prob(x, **self._bijector_kwargs(c))
 
     def log_prob(self, x, conditional_input=None):
-        """Log-density of `x` in nats under the flow (for `levels` models: of dequantized data in `[0, 1)`)."""
-        x = tf.convert_to_tensor(x, self._distribution.dtype)
+        """Log-density of `x` in nats under the flow (for `levels` models: of dequantized data in `[0, 1)`).
+
+        Floating `x` and `conditional_input` are cast to the flow's dtype; integer `x` is refused.
+        """
+        x, conditional_input = self._as_data(x, "x", continuous=True), self._check_condition(conditional_input)
         return self._distribution.log_prob(x, **self._bijector_kwargs(conditional_input))
 
     def sample(self, n: int, seed=None, conditional_input=None):
         """`n` samples drawn by pushing base samples forward through the flow."""
+        if not tf.is_tensor(n) and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0):
+            raise ValueError(f"`n` must be a non-negative integer (the number of samples); got {n!r}.")
         return self._distribution.sample(n, seed=seed, **self._bijector_kwargs(conditional_input))
 
     # ---------------------------------------------------------------------------------------------- training
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None, validation_split=0.0,
             validation_data=None, shuffle=True, sample_weight=None, steps_per_epoch=None, validation_steps=None,
-            validation_batch_size=None, **kwargs):
-        """Keras `fit`; array inputs without `y`/`sample_weight` take the single-iterator fast path."""
+            validation_batch_size=None, shuffle_seed=None, **kwargs):
+        """Keras `fit`; array inputs without `y`/`sample_weight` take the single-iterator fast path.
+
+        On that path the order of every epoch is a function of a seed and of the optimizer's step count where
+        the epoch starts, so training resumed with its optimizer state (`keras.callbacks.BackupAndRestore`, or
+        a restored checkpoint and `fit(initial_epoch=k)`) draws the same batches as a run that was never
+        interrupted. The seed is `shuffle_seed`, else the one given to `keras.utils.set_random_seed`, else
+        drawn afresh (a different order every run).
+        """
         if self.optimizer is not None and not self.optimizer.built:
             # Built lazily, the optimizer creates its slots inside the first traced step, and tf.function
             # then traces the whole step a second time (measured: every network evaluated twice as often
-            # during tracing); building it here makes the first epoch trace once.
-            self.optimizer.build(self.trainable_weights)
+            # during tracing); building it here makes the first epoch trace once. Its slots must live where
+            # the weights do (mirrored under a tf.distribute strategy), whether or not `fit` runs in its scope.
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_weights)
         if isinstance(validation_data, tuple) and (len(validation_data) == 1 or (
                 len(validation_data) == 2 and validation_data[1] is None)):
             validation_data = validation_data[0]  # Keras' (x_val,) form: a flow has no targets
@@ -198,11 +247,43 @@ class FlowModel(keras.Model):
                                sample_weight=sample_weight, steps_per_epoch=steps_per_epoch,
                                validation_steps=validation_steps, validation_batch_size=validation_batch_size,
                                **kwargs)
-        ds = tf.data.Dataset.from_tensor_slices(x)
         if shuffle:
-            ds = ds.shuffle(n, reshuffle_each_iteration=True)
-        # batch before repeat: every epoch is exactly one pass, ending in the same short batch Keras would give.
-        ds = ds.batch(batch_size).repeat().prefetch(1)
+            # Each epoch's order is a pure function of a seed and the optimizer step the epoch starts at, so a
+            # run resumed with its optimizer state (BackupAndRestore, or a checkpoint restore and
+            # fit(initial_epoch=k)) sees the batches the uninterrupted run saw, and repeated fit calls see new
+            # orders. The seed: `shuffle_seed`, else keras.utils.set_random_seed's, else fresh entropy.
+            if shuffle_seed is None:
+                try:  # Keras exports only the setter of the seed it records
+                    from keras.src.utils.rng_utils import get_random_seed
+                    shuffle_seed = get_random_seed()
+                except ImportError:  # pragma: no cover
+                    pass
+            if shuffle_seed is None:
+                shuffle_seed = int(np.random.SeedSequence().generate_state(1)[0])
+            if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)):
+                raise TypeError(f"`shuffle_seed` must be an integer or None; got {shuffle_seed!r}.")
+            seed = tf.constant(int(shuffle_seed) % 2**63, tf.int64)
+            iterations = None if self.optimizer is None else self.optimizer.iterations
+            data = tf.nest.map_structure(tf.convert_to_tensor, x)
+
+            def first_step(_):
+                # Read once, when Keras asks for the first batch: after callbacks' on_train_begin (where
+                # BackupAndRestore restores the optimizer) and before any step of this fit.
+                return tf.constant(0, tf.int64) if iterations is None else tf.cast(iterations.value, tf.int64)
+
+            def epoch_starts(first):
+                return tf.data.Dataset.range(2**62).map(lambda epoch: first + epoch * train_steps)
+
+            def epoch_batches(start):
+                order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                                 seed=tf.stack([seed, start]))
+                return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+            ds = (tf.data.Dataset.range(1).map(first_step).flat_map(epoch_starts).flat_map(epoch_batches)
+                  .map(lambda index: tf.nest.map_structure(lambda t: tf.gather(t, index), data)).prefetch(1))
+        else:
+            # batch before repeat: every epoch is one pass, ending in the same short batch Keras would give.
+            ds = tf.data.Dataset.from_tensor_slices(x).batch(batch_size).repeat().prefetch(1)
         if val is not None:
             val = tf.data.Dataset.from_tensor_slices(val).batch(val_batch).repeat()
         return super().fit(ds, epochs=epochs, verbose=verbose, callbacks=callbacks, validation_data=val,
@@ -221,7 +302,24 @@ class FlowModel(keras.Model):
             bpd = images.bits_per_dim(nll, self._num_dims, self.levels)
             self.bits_per_dim_tracker.update_state(bpd, sample_weight=sample_weight)
         penalties = self.losses
-        return mean_nll + tf.cast(tf.add_n(penalties), nll.dtype) if penalties else mean_nll
+        total = mean_nll + tf.cast(tf.add_n(penalties), nll.dtype) if penalties else mean_nll
+        # Under tf.distribute each replica returns the loss of its share of the global batch and the optimizer
+        # sums the replicas' gradients, so the mean over the global batch is the per-replica mean over the
+        # number of replicas (Keras scales its own losses the same way and multiplies back when reporting
+        # `loss`). The metrics above take the unscaled per-example values and are summed across replicas.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return total / tf.cast(replicas, total.dtype) if replicas > 1 else total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        logs = super().compute_metrics(x, y, y_pred, sample_weight)
+        strategy = tf.distribute.get_strategy()
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
+                strategy.num_replicas_in_sync > len(strategy.extended.worker_devices)):
+            # Several workers: Keras 3 averages each step's logs with `strategy.reduce("MEAN", v, axis=0)`,
+            # which fails on scalars ("Invalid reduction dimension 0"); one-element vectors average to the
+            # same scalar. Epoch logs and `history` are read from the metrics themselves, summed over workers.
+            logs = {k: tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0 else v for k, v in logs.items()}
+        return logs
 
     @property
     def metrics(self):
@@ -242,3 +340,95 @@ class FlowModel(keras.Model):
     def from_config(cls, config):
         config = dict(config)
         return cls(config.pop("distribution"), **config)
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Keras `load_weights`, all or nothing.
+
+        A `.weights.h5` or `.keras` file written by a differently configured model (another depth, width or
+        event shape) is refused with a `ValueError` naming the file and the first weights that differ, before
+        anything is read into the model; Keras alone would load the matching part of such a file, or fail half
+        way through. If loading fails for any other reason, every weight is restored to its value before the
+        call. `skip_mismatch=True` keeps Keras' own partial loading.
+        """
+        path = str(filepath)
+        if not skip_mismatch and (path.endswith(".weights.h5") or path.endswith(".keras")):
+            mismatch = self._weights_file_mismatch(path)
+            if mismatch:
+                raise ValueError(f"Cannot load weights from {path!r} into this FlowModel: {mismatch}.")
+        variables = [w.value for w in self.weights]
+        optimizer = getattr(self, "optimizer", None)  # absent before `compile`
+        if optimizer is not None:
+            variables += [v.value for v in optimizer.variables]
+        snapshot = [tf.identity(v) for v in variables]
+        try:
+            return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+        except Exception as e:
+            for variable, value in zip(variables, snapshot):
+                variable.assign(value)
+            raise ValueError(f"Cannot load weights from {path!r} into this FlowModel (weights left unchanged): "
+                             f"{e}") from e
+
+    def _weights_file_mismatch(self, path: str) -> str | None:
+        """How the model weights stored in `path` differ from what this model would write, or None."""
+        import tempfile
+        import zipfile
+
+        import h5py
+
+        def layout(source) -> dict:
+            found = {}
+
+            def visit(name, obj):
+                # Optimizer slots are Keras' business: it skips a mismatched optimizer with a warning.
+                if isinstance(obj, h5py.Dataset) and not name.startswith("optimizer/"):
+                    found[name] = (tuple(obj.shape), obj.dtype.name)
+
+            with h5py.File(source, "r") as f:
+                f.visititems(visit)
+            return found
+
+        try:
+            if path.endswith(".keras"):
+                import io
+
+                with zipfile.ZipFile(path) as archive:
+                    theirs = layout(io.BytesIO(archive.read("model.weights.h5")))
+            else:
+                theirs = layout(path)
+        except (OSError, KeyError, zipfile.BadZipFile) as e:
+            raise ValueError(f"Cannot read weights from {path!r}: {type(e).__name__}: {e}") from e
+        with tempfile.TemporaryDirectory() as tmp:
+            mine_path = f"{tmp}/own.weights.h5"
+            keras.Model.save_weights(self, mine_path)
+            mine = layout(mine_path)
+        if theirs == mine:
+            return None
+        missing = [k for k in mine if k not in theirs]
+        extra = [k for k in theirs if k not in mine]
+        changed = [k for k in mine if k in theirs and mine[k] != theirs[k]]
+        parts = [f"the file holds {len(theirs)} model weights, this model has {len(mine)}"]
+        if missing:
+            parts.append(f"{len(missing)} of this model's are not in the file (e.g. {missing[0]} of shape "
+                         f"{mine[missing[0]][0]})")
+        if extra:
+            parts.append(f"{len(extra)} in the file have no place in this model (e.g. {extra[0]} of shape "
+                         f"{theirs[extra[0]][0]})")
+        if changed:
+            k = changed[0]
+            parts.append(f"{len(changed)} differ in shape or dtype (e.g. {k}: file {theirs[k][0]} {theirs[k][1]}, "
+                         f"model {mine[k][0]} {mine[k][1]})")
+        return "; ".join(parts) + " - it was saved from a differently configured model (depth, width, event shape)"
+
+    # ---------------------------------------------------------------------------------------------- serving
+    def export(self, filepath, format="tf_saved_model", verbose=True, input_signature=None, **kwargs):
+        """Writes a SavedModel with `serve` (log-density) and `sample` endpoints; see `tfp_nvp.export_flow`.
+
+        Keras' own `export` would trace `call`, which dequantizes `levels` inputs with random noise; the
+        endpoints here are deterministic and load with `tf.saved_model.load` alone. Only
+        `format="tf_saved_model"` is supported; `kwargs` go to `export_flow`.
+        """
+        if format != "tf_saved_model":
+            raise ValueError(f"`format` must be 'tf_saved_model' for a FlowModel; got format={format!r}.")
+        from tfp_nvp.export import export_flow  # local: the export module imports this one
+
+        return export_flow(self, filepath, input_signature=input_signature, verbose=verbose, **kwargs)
