@@ -289,3 +289,21 @@ def test_missing_condition_in_nested_chains_is_a_clear_error(nested_conditional)
                        AffineCoupling([2], conditional_shape=[3], hidden_units=(4,), name="same")])
     with pytest.raises(ValueError, match="unique names"):
         tfp_nvp.conditional_kwargs(twins, tf.zeros([1, 3]))
+
+
+def test_initialize_dequantizes_integer_images_of_a_levels_model():
+    # Integer images scored as if continuous would sit outside the logit's support; a levels model must
+    # initialise from the dequantized data that training feeds it.
+    flow = glow([8, 8, 1], num_levels=1, num_steps_per_level=1, hidden_channels=8, seed=0)
+    model = tfp_nvp.FlowModel(flow, levels=17)
+    # Only the lower half of the levels, so the data's logit mean is far from 0 (what a wrong input would give).
+    x = np.random.default_rng(0).integers(0, 9, size=(64, 8, 8, 1)).astype(np.int32)
+    assert initialize(model, x) == 1
+    actnorm = next(b for b in tfp_nvp.flow_bijectors(flow) if isinstance(b, ActNorm))
+    assert np.all(np.isfinite(actnorm.log_scale.numpy())) and np.all(np.isfinite(actnorm.shift.numpy()))
+    # The first ActNorm sees the logit of the dequantized data, squeezed to 4 channels of 1024 values each
+    # (standard error of a channel mean ~0.05): compare with the same statistics of another dequantization.
+    u = tfp_nvp.LogitTransform(0.05).inverse(tfp_nvp.images.dequantize(x, 17, seed=(1, 1)))
+    assert np.allclose(actnorm.shift.numpy(), np.mean(u.numpy()), atol=0.25)
+    assert abs(np.mean(u.numpy())) > 1.0
+    assert np.all(np.isfinite(model.log_prob(tfp_nvp.images.dequantize(x, 17, seed=(2, 2))).numpy()))

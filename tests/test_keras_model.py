@@ -271,3 +271,10 @@ def test_levels_dequantizes_and_reports_bits_per_dim():
     assert not np.array_equal(a, b)
     with pytest.raises(ValueError, match="levels"):
         FlowModel(tfp_nvp.real_nvp([2]), levels=1)
+
+
+@pytest.mark.parametrize("n", [-1, 2.5, "3", True])
+def test_sample_count_must_be_a_non_negative_integer(n):
+    model = FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=1, hidden_units=(4,)))
+    with pytest.raises(ValueError, match=r"`n` must be a non-negative integer"):
+        model.sample(n)

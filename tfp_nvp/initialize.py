@@ -24,6 +24,7 @@ def initialize(flow_or_model, x, conditional_input=None) -> int:
       flow_or_model: a `tfd.TransformedDistribution`, a `tfb.Bijector`, or an object with a `.distribution`
         attribute such as `tfp_nvp.FlowModel` (its own `log_prob` is used, so it sees the data as training will).
       x: a data batch `[N, *event_shape]`; use a few hundred examples so the statistics are representative.
+        For a `FlowModel(..., levels=L)`, integer images are dequantized first, as `fit` does.
       conditional_input: the condition for conditional flows, routed with `tfp_nvp.conditional_kwargs`.
 
     Returns:
@@ -52,6 +53,12 @@ def initialize(flow_or_model, x, conditional_input=None) -> int:
     # A tfb.Chain reports no dtype of its own; its members do.
     dtypes = [d for d in [root.dtype, *(b.dtype for b in flows.flow_bijectors(root))] if d is not None]
     x = tf.convert_to_tensor(x)
+    levels = getattr(model, "levels", None)
+    if levels is not None and x.dtype.is_integer:
+        # Integer images of a `levels` model: initialise from what training feeds the flow, dequantized data.
+        from tfp_nvp import images
+
+        x = images.dequantize(x, levels, dtype=dtypes[0] if dtypes else tf.float32)
     if dtypes:
         x = tf.cast(x, dtypes[0])
 
