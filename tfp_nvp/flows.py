@@ -53,6 +53,11 @@ class _Flow(_TransformedDistribution):
     nearest the data) data outside the flow's image gets log-density `-inf`: the flow puts no mass there. Those
     points are swapped for an interior point before the flow runs and their result is then replaced (the
     double-where pattern), so a batch mixing both kinds has finite log-densities and gradients for the rest.
+
+    Finite data whose latent leaves the floating-point range (a trained flow can expand a point far from its
+    training data by more than the largest float, as a bounded coupling's inverse does for very negative
+    log-scales) also get `-inf`: the base density at such a latent underflows every float, whatever the
+    log-determinant. Arithmetic on the overflowed values would otherwise give NaN.
     """
 
     def __init__(self, distribution, bijector, support=None, validate_args=False, name=None):
@@ -71,7 +76,7 @@ class _Flow(_TransformedDistribution):
         # acts on data that fails a check.
         x = check_event(self, x, "x", self.event_shape.as_list())
         if self._support is None:
-            return super()._log_prob(x, **kwargs)
+            return self._log_prob_in_range(x, **kwargs)
         outside = self._support.outside_support(x)
         if self.validate_args:
             check = tf.debugging.Assert(
@@ -87,8 +92,21 @@ class _Flow(_TransformedDistribution):
         safe = tf.where(outside, inside_point, x)
         event_axes = list(range(-self.event_shape.rank, 0))
         any_outside = tf.reduce_any(outside, axis=event_axes)
-        log_prob = super()._log_prob(safe, **kwargs)
+        log_prob = self._log_prob_in_range(safe, **kwargs)
         return tf.where(any_outside, tf.constant(-np.inf, log_prob.dtype), log_prob)
+
+    def _log_prob_in_range(self, x, **kwargs):
+        """The change of variables, `-inf` where finite `x` has a latent beyond the floating-point range."""
+        # TFP's own inverse call inside the parent's log_prob finds this result in the bijector's cache (same
+        # tensor, same arguments), so the flow still runs once.
+        latent = self.bijector.inverse(x, **self._kwargs_split_fn(kwargs)[1])
+        log_prob = super()._log_prob(x, **kwargs)
+        finite_data = tf.reduce_all(tf.math.is_finite(x), axis=list(range(-self.event_shape.rank, 0)))
+        finite_latent = tf.reduce_all(tf.math.is_finite(latent),
+                                      axis=list(range(-self.distribution.event_shape.rank, 0)))
+        # NaN data keeps its NaN (validate_args is the way to reject it); only overflow becomes -inf.
+        overflow = finite_data & tf.logical_not(finite_latent)
+        return tf.where(overflow, tf.constant(-np.inf, log_prob.dtype), log_prob)
 
 
 def _remember(dist, builder: str, config: dict):
