@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,20 +41,9 @@ sys.path.insert(0, str(WORKER.parent))
 import multi_worker_job as job  # noqa: E402
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("localhost", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def two_workers(args, workdir: Path):
     """Runs the two-process job; returns each worker's (weights, loss, steps/s)."""
-    ports = free_ports(2)
+    ports = job.free_ports(2)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 
@@ -23,6 +24,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free localhost ports for the workers' TF_CONFIG (all held open together, so no repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("localhost", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
 
 def make_data(num_examples: int, seed: int = 0) -> np.ndarray:
     """Correlated, off-centre float32 vectors `[num_examples, 4]`."""

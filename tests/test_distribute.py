@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -228,19 +227,8 @@ def test_mirrored_discrete_glow_trains(mirrored):
 
 
 # --------------------------------------------------------------------------------------------- multi-worker
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("localhost", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def test_two_worker_job_matches_single_process(tmp_path, reference):
-    ports = _free_ports(2)
+    ports = job.free_ports(2)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     script = Path(__file__).with_name("multi_worker_job.py")
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
