@@ -58,6 +58,28 @@ def _take(x, index):
     return {k: v[index] for k, v in x.items()} if isinstance(x, dict) else x[index]
 
 
+class _RecordStartStep(keras.callbacks.Callback):
+    """Writes the optimizer's step count into `variable` at the start of `fit`, after every other callback's
+    `on_train_begin` (it is appended last), so a step count restored there is the one recorded."""
+
+    def __init__(self, variable):
+        super().__init__()
+        self._variable = variable
+
+    def on_train_begin(self, logs=None):
+        optimizer = getattr(self.model, "optimizer", None)
+        self._variable.assign(0 if optimizer is None else int(optimizer.iterations.numpy()))
+
+
+def _with_callback(callbacks, callback):
+    if callbacks is None:
+        return [callback]
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks.append(callback)
+        return callbacks
+    return [*callbacks, callback]
+
+
 @keras.saving.register_keras_serializable(package="tfp_nvp")
 class FlowModel(keras.Model):
     """A Keras model around a flow distribution, trained by maximum likelihood.
@@ -263,13 +285,17 @@ class FlowModel(keras.Model):
             if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)):
                 raise TypeError(f"`shuffle_seed` must be an integer or None; got {shuffle_seed!r}.")
             seed = tf.constant(int(shuffle_seed) % 2**63, tf.int64)
-            iterations = None if self.optimizer is None else self.optimizer.iterations
+            # The step this fit starts at, written once callbacks have run `on_train_begin` (where
+            # BackupAndRestore restores the optimizer) and read by the pipeline. Reading `optimizer.iterations`
+            # in the pipeline itself races with the first step: nothing orders the iterator's first read after
+            # the step's increment, and a run that read 1 instead of 0 drew other batches.
+            with self.distribute_strategy.scope():
+                start_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="fit_start_step")
+            callbacks = _with_callback(callbacks, _RecordStartStep(start_step))
             data = tf.nest.map_structure(tf.convert_to_tensor, x)
 
             def first_step(_):
-                # Read once, when Keras asks for the first batch: after callbacks' on_train_begin (where
-                # BackupAndRestore restores the optimizer) and before any step of this fit.
-                return tf.constant(0, tf.int64) if iterations is None else tf.cast(iterations.value, tf.int64)
+                return start_step.read_value()
 
             def epoch_starts(first):
                 return tf.data.Dataset.range(2**62).map(lambda epoch: first + epoch * train_steps)
