@@ -10,12 +10,15 @@ from tfp_nvp.bijectors import (  # noqa: E402
     ActNorm,
     AffineCoupling,
     FactorOut,
+    InverseAutoregressive,
     Invertible1x1Conv,
     LogitTransform,
+    MaskedAutoregressive,
     OnChannels,
     Squeeze,
 )
 from tfp_nvp.flows import conditional_kwargs, flow_bijectors, glow, real_nvp, standard_normal  # noqa: E402
+from tfp_nvp.autoregressive import iaf, maf  # noqa: E402
 from tfp_nvp.keras import FlowModel, flow_layers  # noqa: E402
 from tfp_nvp.initialize import initialize  # noqa: E402  (rebinds the submodule name to the function)
 from tfp_nvp.export import export_flow  # noqa: E402
@@ -27,8 +30,10 @@ __all__ = [
     "AffineCoupling",
     "FactorOut",
     "FlowModel",
+    "InverseAutoregressive",
     "Invertible1x1Conv",
     "LogitTransform",
+    "MaskedAutoregressive",
     "OnChannels",
     "Squeeze",
     "conditional_kwargs",
@@ -37,8 +42,10 @@ __all__ = [
     "flow_bijectors",
     "flow_layers",
     "glow",
+    "iaf",
     "images",
     "initialize",
+    "maf",
     "networks",
     "real_nvp",
     "standard_normal",

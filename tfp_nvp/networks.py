@@ -204,3 +204,7 @@ class ConvResNet(keras.layers.Layer):
             "l2": self.l2,
             "seed": self.seed,
         }
+
+
+# MADE lives in its own module (it shares nothing with the coupling networks above); exported here.
+from tfp_nvp.made import MADE, MaskedDense  # noqa: E402

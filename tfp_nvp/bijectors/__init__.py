@@ -2,6 +2,7 @@
 
 from tfp_nvp.bijectors._base import KerasParameterizedBijector, ParameterLayer
 from tfp_nvp.bijectors.actnorm import ActNorm
+from tfp_nvp.bijectors.autoregressive import InverseAutoregressive, MaskedAutoregressive
 from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
 from tfp_nvp.bijectors.coupling import AffineCoupling
 from tfp_nvp.bijectors.factor_out import FactorOut, OnChannels
@@ -12,9 +13,11 @@ __all__ = [
     "ActNorm",
     "AffineCoupling",
     "FactorOut",
+    "InverseAutoregressive",
     "Invertible1x1Conv",
     "KerasParameterizedBijector",
     "LogitTransform",
+    "MaskedAutoregressive",
     "OnChannels",
     "ParameterLayer",
     "Squeeze",
