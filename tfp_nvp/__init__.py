@@ -20,6 +20,8 @@ from tfp_nvp.bijectors import (  # noqa: E402
 from tfp_nvp.flows import conditional_kwargs, flow_bijectors, glow, real_nvp, standard_normal  # noqa: E402
 from tfp_nvp.autoregressive import iaf, maf  # noqa: E402
 from tfp_nvp.keras import FlowModel, flow_layers  # noqa: E402
+from tfp_nvp.layers import FlowLayer, NegativeLogLikelihood  # noqa: E402
+from tfp_nvp.conditioned import ConditionedFlow, condition  # noqa: E402
 from tfp_nvp.initialize import initialize  # noqa: E402  (rebinds the submodule name to the function)
 from tfp_nvp.export import export_flow  # noqa: E402
 
@@ -28,14 +30,18 @@ __version__ = "0.1.0"
 __all__ = [
     "ActNorm",
     "AffineCoupling",
+    "ConditionedFlow",
     "FactorOut",
+    "FlowLayer",
     "FlowModel",
     "InverseAutoregressive",
     "Invertible1x1Conv",
     "LogitTransform",
     "MaskedAutoregressive",
+    "NegativeLogLikelihood",
     "OnChannels",
     "Squeeze",
+    "condition",
     "conditional_kwargs",
     "data",
     "export_flow",
