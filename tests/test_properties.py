@@ -43,7 +43,8 @@ from hypothesis import strategies as st
 
 import tfp_nvp
 from conftest import flat_log_det, randomize_variables
-from tfp_nvp import ActNorm, AffineCoupling, FactorOut, Invertible1x1Conv, OnChannels, Squeeze
+from tfp_nvp import (ActNorm, AffineCoupling, FactorOut, Invertible1x1Conv, LeakyReLU, OnChannels, SplineCoupling,
+                     Squeeze)
 from tfp_nvp.initialize import initialize
 from tfp_nvp.networks import ConvResNet, DenseNetwork
 
@@ -259,7 +260,9 @@ image_shapes = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3)
 
 
 # ------------------------------------------------------------------------------------------------ AffineCoupling
-def _check_coupling(rec, subject, shape, mask, flip, bound, conditional, dtype, seed, scale, make_network):
+def _check_coupling(rec, subject, shape, mask, flip, bound, conditional, dtype, seed, scale, make_network,
+                    spline=None):
+    """`spline=(num_bins, half_width)` checks a SplineCoupling, else `bound` is the affine log-scale bound."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 4))
     cond_dims = int(rng.integers(1, 4))
@@ -267,8 +270,12 @@ def _check_coupling(rec, subject, shape, mask, flip, bound, conditional, dtype, 
     c = normal(rng, (n, cond_dims))
 
     def build(dt):
+        cond = [cond_dims] if conditional else None
+        if spline is not None:
+            return SplineCoupling(shape, network=make_network(dt), mask=mask, flip=flip, num_bins=spline[0],
+                                  bound=spline[1], conditional_shape=cond, dtype=dt)
         return AffineCoupling(shape, network=make_network(dt), mask=mask, flip=flip, log_scale_bound=bound,
-                              conditional_shape=[cond_dims] if conditional else None, dtype=dt)
+                              conditional_shape=cond, dtype=dt)
 
     def kwargs(_, dt):
         return {"conditional_input": tf.constant(c.astype(dt))} if conditional else {}
@@ -278,8 +285,11 @@ def _check_coupling(rec, subject, shape, mask, flip, bound, conditional, dtype, 
     # The conditioning entries pass through bit for bit; every other entry is transformed.
     keep = conditioning_entries(shape, mask, flip)
     y = out["y"]
-    rec.check(subject, "untouched part", abs_error(y[:, keep], z[:, keep]), 0.0)
-    assert np.all(np.abs(y[:, ~keep] - z[:, ~keep]) > 0), f"{subject}: a transformed entry did not move"
+    keep = np.broadcast_to(keep, z.shape)
+    if spline is not None:  # the linear tails: entries beyond the spline's interval pass through too
+        keep = keep | (np.abs(z) >= spline[1])
+    rec.check(subject, "untouched part", abs_error(y[keep], z[keep]), 0.0)
+    assert np.all(np.abs(y[~keep] - z[~keep]) > 0), f"{subject}: a transformed entry did not move"
 
 
 @share(1.0)
@@ -309,6 +319,48 @@ def test_affine_coupling_image(property_recorder, shape, data, flip, bound, cond
 
     _check_coupling(property_recorder, "AffineCoupling [H, W, C]", shape, mask, flip, bound, conditional, dtype,
                     seed, scale, network)
+
+
+# ------------------------------------------------------------------------------------------------ SplineCoupling
+# The spline's autodiff Jacobians are the slow part (TFP's bin search and gathers): fewer, smaller examples.
+@share(0.34)
+@given(shape=st.one_of(st.tuples(st.integers(2, 7)), image_shapes), data=st.data(), flip=st.booleans(),
+       conditional=st.booleans(), num_bins=st.integers(2, 6), half_width=st.sampled_from([1.0, 2.5]),
+       hidden=st.integers(2, 8), dtype=DTYPES, seed=SEEDS, scale=WEIGHT_SCALES)
+def test_spline_coupling(property_recorder, shape, data, flip, conditional, num_bins, half_width, hidden, dtype,
+                         seed, scale):
+    mask = data.draw(vector_masks(shape[0]) if len(shape) == 1 else image_masks(shape), label="mask")
+
+    def network(dt):
+        if len(shape) == 1:
+            return DenseNetwork((hidden,), activation="tanh", dtype=dt)
+        return ConvResNet(hidden_channels=hidden, num_blocks=1, dtype=dt)
+
+    kind = "[D]" if len(shape) == 1 else "[H, W, C]"
+    _check_coupling(property_recorder, f"SplineCoupling {kind}", shape, mask, flip, None, conditional, dtype, seed,
+                    scale, network, spline=(num_bins, half_width))
+
+
+# ------------------------------------------------------------------------------------------------ LeakyReLU
+@share(0.5)
+@given(shape=st.one_of(st.tuples(st.integers(1, 6)), image_shapes), learnable=st.booleans(), per_entry=st.booleans(),
+       alpha=st.sampled_from([0.1, 0.5, 3.0]), dtype=DTYPES, seed=SEEDS)
+def test_leaky_relu(property_recorder, shape, learnable, per_entry, alpha, dtype, seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 4))
+    z, x = normal(rng, (n, *shape)), normal(rng, (n, *shape), scale=1.5)
+    z.flat[0] = -abs(z.flat[0])  # at least one entry on the negative side, where the map is not the identity
+    alpha_shape = shape[-1:] if learnable and per_entry else ()
+
+    def build(dt):
+        return LeakyReLU(alpha, learnable=learnable, shape=alpha_shape, dtype=dt)
+
+    def prepare(bij):  # random slopes away from 1, so the map is not the identity
+        if learnable:
+            signs = rng.choice([-1.0, 1.0], size=alpha_shape)
+            bij.log_alpha.assign(signs * rng.uniform(0.3, 2.0, size=alpha_shape))
+
+    check_bijector(property_recorder, "LeakyReLU", build, z, x, len(shape), dtype, prepare=prepare)
 
 
 # ------------------------------------------------------------------------------------------------ ActNorm
@@ -499,6 +551,29 @@ def test_real_nvp_image(property_recorder, shape, data, depth, bound, mixing, hi
     # growth across layers (see test_real_nvp_vector) within float range.
     scale = min(scale, 0.5) if bound == "none" else scale
     check_bijector(property_recorder, "real_nvp [H, W, C]", build, z, x, 3, dtype, flow=True,
+                   prepare=lambda f: randomize(f, seed, scale))
+
+
+# ------------------------------------------------------------------------------------------------ spline_flow
+@share(0.17)
+@given(d=st.integers(2, 5), depth=st.integers(1, 2), mask=st.sampled_from(["half", "alternate"]),
+       num_bins=st.integers(2, 6), mixing=st.sampled_from([None, "conv1x1"]), conditional=st.booleans(),
+       dtype=DTYPES, seed=SEEDS, scale=WEIGHT_SCALES)
+def test_spline_flow_vector(property_recorder, d, depth, mask, num_bins, mixing, conditional, dtype, seed, scale):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 4))
+    z, x = normal(rng, (n, d)), normal(rng, (n, d), scale=1.5)
+    c = normal(rng, (n, 2))
+
+    def build(dt):
+        return tfp_nvp.spline_flow([d], num_coupling_layers=depth, hidden_units=(8,), num_bins=num_bins, bound=3.0,
+                                   mask=mask, activation="tanh", mixing=mixing,
+                                   conditional_shape=[2] if conditional else None, dtype=dt, seed=seed % 1000)
+
+    def kwargs(flow, dt):
+        return tfp_nvp.conditional_kwargs(flow, tf.constant(c.astype(dt))) if conditional else {}
+
+    check_bijector(property_recorder, "spline_flow [D]", build, z, x, 1, dtype, kwargs=kwargs, flow=True,
                    prepare=lambda f: randomize(f, seed, scale))
 
 

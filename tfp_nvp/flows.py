@@ -13,16 +13,19 @@ from tensorflow_probability.python.distributions.transformed_distribution import
 
 from tfp_nvp.bijectors._base import as_shape, check_dtype, check_event
 from tfp_nvp.bijectors.actnorm import ActNorm
+from tfp_nvp.bijectors.conditional_affine import ConditionalAffine
 from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
 from tfp_nvp.bijectors.coupling import AffineCoupling
 from tfp_nvp.bijectors.factor_out import FactorOut, OnChannels
+from tfp_nvp.bijectors.invertible_chain import InvertibleChain
 from tfp_nvp.bijectors.logit import LogitTransform
+from tfp_nvp.bijectors.spline import SplineCoupling
 from tfp_nvp.bijectors.squeeze import Squeeze
 from tfp_nvp.networks import ConvResNet, DenseNetwork
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
-__all__ = ["real_nvp", "glow", "standard_normal", "conditional_kwargs", "flow_bijectors", "BUILDERS"]
+__all__ = ["real_nvp", "glow", "spline_flow", "standard_normal", "conditional_kwargs", "flow_bijectors", "BUILDERS"]
 
 
 def standard_normal(event_shape: Sequence[int], dtype=tf.float32) -> tfd.Distribution:
@@ -115,10 +118,14 @@ def _remember(dist, builder: str, config: dict):
     return dist
 
 
+# `real_nvp`'s network for vector events when none is given (benchmarks/defaults.py measured the choice).
+REAL_NVP_VECTOR_DEFAULTS = dict(num_coupling_layers=16, hidden_units=(64, 64))
+
+
 def real_nvp(
     event_shape: Sequence[int],
-    num_coupling_layers: int = 8,
-    hidden_units: Sequence[int] = (128, 128),
+    num_coupling_layers: int | None = None,
+    hidden_units: Sequence[int] | None = None,
     mask: str | None = None,
     log_scale_bound: str = "tanh",
     separate_towers: bool = False,
@@ -132,11 +139,14 @@ def real_nvp(
     seed: int | None = None,
     validate_args: bool = False,
     name: str = "real_nvp",
+    invertible_backprop: bool = False,
 ) -> tfd.TransformedDistribution:
     """RealNVP: a chain of affine couplings whose mask flips from layer to layer.
 
     Vector events `[D]` use dense networks (`hidden_units`, `activation`, `separate_towers`); image events
     `[H, W, C]` use convolutional ResNets (`hidden_units[0]` channels, `num_blocks` residual blocks).
+    Defaults: 16 couplings of `(64, 64)` for vectors (on two moons, deep and narrow beat 8 couplings of
+    `(128, 128)` at equal training time), 8 couplings of 128 channels for images.
     `mask` defaults to `"half"` for vectors and `"checkerboard"` for images. `mixing="conv1x1"` puts a learned
     `Invertible1x1Conv` (LU, random-rotation start) between consecutive couplings, so the split the couplings
     see is learned rather than fixed (GLOW's replacement for permutations); `None` uses only the mask flips.
@@ -148,6 +158,9 @@ def real_nvp(
     `sample`, `log_prob` and `prob` come from TFP; `forward` maps base samples to data. `log_prob` rejects data
     of the wrong event shape or dtype (cast float64 data to a float32 flow yourself); `validate_args=True` makes
     it and every bijector also raise `InvalidArgumentError` for non-finite data (at some cost per call).
+    `invertible_backprop=True` chains the couplings with `tfp_nvp.InvertibleChain`: training gradients are
+    recomputed by inverting the flow step by step instead of from stored activations (about one extra forward
+    pass of compute; gradients equal up to float32 reconstruction error; see its docstring on memory).
 
     Example:
       >>> flow = real_nvp([2], num_coupling_layers=6, hidden_units=(64, 64))
@@ -155,6 +168,11 @@ def real_nvp(
       TensorShape([3])
     """
     event_shape = as_shape(event_shape, "event_shape", rank=(1, 3))
+    vector = len(event_shape) == 1
+    if num_coupling_layers is None:
+        num_coupling_layers = REAL_NVP_VECTOR_DEFAULTS["num_coupling_layers"] if vector else 8
+    if hidden_units is None:
+        hidden_units = REAL_NVP_VECTOR_DEFAULTS["hidden_units"] if vector else (128,)
     if isinstance(num_coupling_layers, bool) or int(num_coupling_layers) != num_coupling_layers \
             or num_coupling_layers <= 0:
         raise ValueError(f"`num_coupling_layers` must be a positive integer; got {num_coupling_layers!r}.")
@@ -165,6 +183,7 @@ def real_nvp(
         l2=l2, num_blocks=num_blocks, mixing=mixing,
         conditional_shape=None if conditional_shape is None else list(conditional_shape),
         dtype=dtype, seed=seed, validate_args=bool(validate_args), name=name,
+        invertible_backprop=_flag(invertible_backprop, "invertible_backprop"),
     )
     if mixing not in (None, "conv1x1"):
         raise ValueError(f"`mixing` must be None or 'conv1x1'; got {mixing!r}.")
@@ -190,11 +209,18 @@ def real_nvp(
         )
     # tfb.Chain's forward applies its list right to left, so sampling runs coupling_0 first and the density
     # (inverse) pass runs it last.
-    chain = tfb.Chain(list(reversed(couplings)), validate_args=validate_args, name=name)
+    chain_type = InvertibleChain if invertible_backprop else tfb.Chain
+    chain = chain_type(list(reversed(couplings)), validate_args=validate_args, name=name)
     dist = _Flow(base, chain, validate_args=validate_args, name=name)
     if base_distribution is not None:
         config["base_distribution"] = "custom"
     return _remember(dist, "real_nvp", config)
+
+
+def _flag(value, name) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be True or False; got {value!r}.")
+    return bool(value)
 
 
 def _positive(value, name):
@@ -214,11 +240,16 @@ def glow(
     log_scale_bound: str = "sigmoid",
     l2: float = 0.0,
     logit_alpha: float | None = 0.05,
+    conditional_shape: Sequence[int] | None = None,
+    coupling: str = "affine",
+    num_bins: int = 8,
+    bound: float = 4.0,
     base_distribution: tfd.Distribution | None = None,
     dtype: str = "float32",
     seed: int | None = None,
     validate_args: bool = False,
     name: str = "glow",
+    invertible_backprop: bool = False,
 ) -> tfd.TransformedDistribution:
     """GLOW (Kingma & Dhariwal, 2018): a multi-scale flow of ActNorm -> invertible 1x1 conv -> affine coupling.
 
@@ -238,6 +269,24 @@ def glow(
     `None` models `x` directly. `log_prob` rejects data of the wrong shape or dtype; `validate_args=True` also
     checks that data are finite, inside every bijector too. ActNorm layers initialise from the first data batch
     (`tfp_nvp.initialize`). H and W must be divisible by `2 ** num_levels`.
+
+    `conditional_shape=[m]` makes a conditional GLOW `p(x | c)` for a context vector `c` (e.g. a one-hot class
+    label): every coupling network sees `c` broadcast over the image, every split prior predicts its mean and
+    log-scale from the kept channels and `c` (`FactorOut(conditional_shape=...)`), and the top level ends in a
+    `tfp_nvp.ConditionalAffine` named `f"{name}_top_prior"`, whose shift and log-scale come from `c` through a
+    small dense network (`hidden_channels` wide): on a standard normal base that is a conditional Gaussian
+    top-level prior. Pass `c` with `bijector_kwargs=tfp_nvp.conditional_kwargs(flow, c)` to `log_prob` and
+    `sample`, or as `{"x": x, "conditional_input": c}` to `tfp_nvp.FlowModel`.
+
+    `coupling="spline"` replaces each affine coupling by a `tfp_nvp.SplineCoupling` on the same channel mask
+    and network: a monotone rational-quadratic spline of `num_bins` bins on `[-bound, bound]` (the identity
+    outside; the ActNorm before each coupling keeps activations near unit scale, so the default 4 covers
+    nearly all of them). `log_scale_bound` then has no effect.
+
+    `invertible_backprop=True` builds every level (and the whole flow) as a `tfp_nvp.InvertibleChain`: the
+    training gradient rebuilds each step's input by inverting the flow instead of storing activations (about
+    one extra forward pass of compute; gradients equal up to float32 reconstruction error). Measured memory:
+    see benchmarks/memory.py; under `tf.function` the peak still grew with depth in this version.
 
     Example:
       >>> flow = glow([8, 8, 1], num_levels=2, num_steps_per_level=2, hidden_channels=32)
@@ -273,7 +322,21 @@ def glow(
         hidden_channels=hidden_channels, num_blocks=num_blocks, exit_fraction=exit_fraction,
         lu_decomposed=lu_decomposed, log_scale_bound=log_scale_bound, l2=l2, logit_alpha=logit_alpha,
         dtype=dtype, seed=seed, validate_args=bool(validate_args), name=name,
+        invertible_backprop=_flag(invertible_backprop, "invertible_backprop"),
     )
+    if coupling not in ("affine", "spline"):
+        raise ValueError(f"`coupling` must be 'affine' or 'spline'; got {coupling!r}.")
+    if coupling == "spline":
+        # Only spline flows record these, so the configuration of an affine GLOW stays what it always was.
+        config.update(coupling=coupling, num_bins=num_bins, bound=bound)
+    if conditional_shape is not None:
+        # Checked here so the message names the builder's argument, not the first coupling.
+        conditional_shape = as_shape(conditional_shape, "conditional_shape")
+        if len(conditional_shape) != 1:
+            raise ValueError(f"`conditional_shape` must be [m], the shape of a context vector; got "
+                             f"{list(conditional_shape)}.")
+        config["conditional_shape"] = list(conditional_shape)
+    chain_type = InvertibleChain if invertible_backprop else tfb.Chain
     if logit_alpha is not None and (isinstance(logit_alpha, bool) or not isinstance(logit_alpha, (int, float))
                                     or not 0.0 <= logit_alpha < 0.5):
         raise ValueError(f"`logit_alpha` must be in [0, 0.5) or None; got {logit_alpha!r}.")
@@ -281,6 +344,15 @@ def glow(
 
     def next_seed():
         return None if seed is None else int(seed) + 7919 * next(counter)
+
+    def make_coupling(inner, net, flip, coupling_name):
+        if coupling == "spline":
+            return SplineCoupling(inner, network=net, mask="channel", flip=flip, num_bins=num_bins, bound=bound,
+                                  conditional_shape=conditional_shape, dtype=dtype, validate_args=validate_args,
+                                  name=coupling_name)
+        return AffineCoupling(inner, network=net, mask="channel", flip=flip, log_scale_bound=log_scale_bound,
+                              conditional_shape=conditional_shape, dtype=dtype, validate_args=validate_args,
+                              name=coupling_name)
 
     def level(shape, index):
         squeeze = Squeeze(shape, validate_args=validate_args, name=f"{name}_l{index}_squeeze")
@@ -296,18 +368,20 @@ def glow(
                 ActNorm(inner, dtype=dtype, validate_args=validate_args, name=f"{prefix}_actnorm"),
                 Invertible1x1Conv(inner, lu_decomposed=lu_decomposed, seed=next_seed(), dtype=dtype,
                                   validate_args=validate_args, name=f"{prefix}_conv1x1"),
-                AffineCoupling(inner, network=net, mask="channel", flip=step % 2 == 1,
-                               log_scale_bound=log_scale_bound, dtype=dtype, validate_args=validate_args,
-                               name=f"{prefix}_coupling"),
+                make_coupling(inner, net, step % 2 == 1, f"{prefix}_coupling"),
             ]
         if index < num_levels - 1:
-            split = FactorOut(inner, exit_fraction=exit_fraction, dtype=dtype, validate_args=validate_args,
-                              name=f"{name}_l{index}_split")
+            split = FactorOut(inner, exit_fraction=exit_fraction, conditional_shape=conditional_shape, dtype=dtype,
+                              validate_args=validate_args, name=f"{name}_l{index}_split")
             kept = c - split.num_exit_channels
             parts += [split, OnChannels(level((h, w, kept), index + 1), kept, inner, validate_args=validate_args,
                                         name=f"{name}_l{index}_next")]
+        elif conditional_shape is not None:
+            # Last in the density pass of the top level: the latent it leaves is N(shift(c), scale(c)^2).
+            parts.append(ConditionalAffine(inner, conditional_shape, hidden_units=(hidden_channels,), dtype=dtype,
+                                           validate_args=validate_args, name=f"{name}_top_prior"))
         parts.append(squeeze)
-        return tfb.Chain(parts, validate_args=validate_args, name=f"{name}_level_{index}")
+        return chain_type(parts, validate_args=validate_args, name=f"{name}_level_{index}")
 
     base = _check_base(base_distribution, image_shape, dtype)
     bijector = level(image_shape, 0)
@@ -315,14 +389,91 @@ def glow(
     if logit_alpha is not None:
         # Parameter-free, so sharing TFP's cache between equal instances is harmless here.
         support = LogitTransform(float(logit_alpha), dtype=dtype, validate_args=validate_args, name=f"{name}_logit")
-        bijector = tfb.Chain([support, bijector], validate_args=validate_args, name=name)
+        bijector = chain_type([support, bijector], validate_args=validate_args, name=name)
     dist = _Flow(base, bijector, support=support, validate_args=validate_args, name=name)
     if base_distribution is not None:
         config["base_distribution"] = "custom"
     return _remember(dist, "glow", config)
 
 
-BUILDERS = {"real_nvp": real_nvp, "glow": glow}
+def spline_flow(
+    event_shape: Sequence[int],
+    num_coupling_layers: int = 4,
+    hidden_units: Sequence[int] = (128, 128),
+    num_bins: int = 8,
+    bound: float = 4.0,
+    mask: str | None = None,
+    min_bin_width: float = 1e-3,
+    min_slope: float = 1e-3,
+    separate_towers: bool = False,
+    activation: str = "relu",
+    l2: float = 0.0,
+    num_blocks: int = 2,
+    mixing: str | None = None,
+    conditional_shape: Sequence[int] | None = None,
+    base_distribution: tfd.Distribution | None = None,
+    dtype: str = "float32",
+    seed: int | None = None,
+    validate_args: bool = False,
+    name: str = "spline_flow",
+) -> tfd.TransformedDistribution:
+    """Neural spline flow: a chain of rational-quadratic spline couplings whose mask flips from layer to layer.
+
+    The same layout and arguments as `real_nvp`, with `tfp_nvp.SplineCoupling` in place of the affine
+    coupling: each transformed entry goes through a monotone spline of `num_bins` bins on `[-bound, bound]`
+    (the identity outside, so put `bound` where standardised data and the base's mass lie; 4 covers all but
+    6e-5 of a standard normal), with `min_bin_width` and `min_slope` as numerical guards. Splines bend where
+    an affine map only scales, so a few spline couplings often match many affine ones. Couplings are named
+    `f"{name}_coupling_{i}"`; with `conditional_shape` set, pass the condition with
+    `bijector_kwargs=tfp_nvp.conditional_kwargs(flow, c)`. Saved and reloaded like `real_nvp` (`FlowModel`
+    `.keras` files and weights).
+
+    Example:
+      >>> flow = spline_flow([2], num_coupling_layers=4, hidden_units=(64, 64), num_bins=8)
+      >>> flow.log_prob(flow.sample(3, seed=1)).shape
+      TensorShape([3])
+    """
+    event_shape = as_shape(event_shape, "event_shape", rank=(1, 3))
+    num_layers = _positive(num_coupling_layers, "num_coupling_layers")
+    hidden = (hidden_units,) if isinstance(hidden_units, int) else tuple(hidden_units)
+    config = dict(
+        event_shape=list(event_shape), num_coupling_layers=num_layers, hidden_units=list(hidden),
+        num_bins=num_bins, bound=bound, mask=mask, min_bin_width=min_bin_width, min_slope=min_slope,
+        separate_towers=separate_towers, activation=activation, l2=l2, num_blocks=num_blocks, mixing=mixing,
+        conditional_shape=None if conditional_shape is None else list(conditional_shape),
+        dtype=dtype, seed=seed, validate_args=bool(validate_args), name=name,
+    )
+    if mixing not in (None, "conv1x1"):
+        raise ValueError(f"`mixing` must be None or 'conv1x1'; got {mixing!r}.")
+    image = len(event_shape) == 3
+    mask = mask or ("checkerboard" if image else "half")
+    base = _check_base(base_distribution, event_shape, dtype)
+    couplings = []
+    for i in range(num_layers):
+        layer_seed = None if seed is None else int(seed) + 1000 * i
+        if image:
+            net = ConvResNet(hidden_channels=max(hidden), num_blocks=num_blocks, l2=l2, seed=layer_seed,
+                             dtype=dtype, name=f"{name}_net_{i}")
+        else:
+            net = DenseNetwork(hidden, activation=activation, separate_towers=separate_towers, l2=l2,
+                               seed=layer_seed, dtype=dtype, name=f"{name}_net_{i}")
+        if mixing == "conv1x1" and i > 0:
+            couplings.append(Invertible1x1Conv(event_shape, seed=None if seed is None else int(seed) + 1000 * i + 1,
+                                               dtype=dtype, validate_args=validate_args, name=f"{name}_mixing_{i}"))
+        couplings.append(
+            SplineCoupling(event_shape, network=net, mask=mask, flip=i % 2 == 1, num_bins=num_bins, bound=bound,
+                           min_bin_width=min_bin_width, min_slope=min_slope, conditional_shape=conditional_shape,
+                           dtype=dtype, validate_args=validate_args, name=f"{name}_coupling_{i}")
+        )
+    # As in real_nvp: sampling runs coupling_0 first, the density pass runs it last.
+    chain = tfb.Chain(list(reversed(couplings)), validate_args=validate_args, name=name)
+    dist = _Flow(base, chain, validate_args=validate_args, name=name)
+    if base_distribution is not None:
+        config["base_distribution"] = "custom"
+    return _remember(dist, "spline_flow", config)
+
+
+BUILDERS = {"real_nvp": real_nvp, "glow": glow, "spline_flow": spline_flow}
 
 
 def _root_bijector(flow):

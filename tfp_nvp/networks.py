@@ -3,7 +3,8 @@
 Both networks end in a zero-initialised layer, so a fresh coupling is exactly the identity (DESIGN.md §4),
 and both accept an optional `conditional_input` (a vector per example) concatenated to their input.
 Their `output_units` / `output_channels` may be left as `None`: `tfp_nvp.AffineCoupling` fills them in
-from the event shape and mask it is given.
+from the event shape and mask it is given. A pair `(m, n)` instead of one size gives two outputs of different
+widths (`tfp_nvp.SplineCoupling` needs `2 * num_bins` bin parameters and `num_bins - 1` knot slopes).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Sequence
 import keras
 from keras import layers, ops
 
-__all__ = ["DenseNetwork", "ConvResNet"]
+__all__ = ["DenseNetwork", "ConvResNet", "MADE", "MaskedDense"]
 
 
 def _regularizer(l2: float):
@@ -35,13 +36,29 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
+def _output_widths(value, name: str):
+    """`None`, a positive int (both outputs that wide) or a pair of positive ints (one width per output)."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"`{name}` must be a positive integer or a pair of them; got {value!r}.")
+        return tuple(_positive_int(v, name) for v in value)
+    return _positive_int(value, name)
+
+
+def _pair(widths) -> tuple[int, int]:
+    return tuple(widths) if isinstance(widths, tuple) else (widths, widths)
+
+
 @keras.saving.register_keras_serializable(package="tfp_nvp")
 class DenseNetwork(keras.layers.Layer):
     """MLP mapping the conditioning half `x_a` to `(shift, log_scale)` for the transformed half.
 
     Args:
       hidden_units: widths of the hidden layers, e.g. `(256, 256, 256, 256)` for the book's towers.
-      output_units: size of `shift` and of `log_scale`; `None` lets `AffineCoupling` set it.
+      output_units: size of `shift` and of `log_scale`, or a pair `(m, n)` of different sizes; `None` lets
+        the coupling that receives the network set it.
       activation: hidden activation.
       separate_towers: `True` gives the book's layout (independent shift and log-scale MLPs); `False` one
         shared trunk with a `2 * output_units` head (half the cost for the same width).
@@ -68,7 +85,7 @@ class DenseNetwork(keras.layers.Layer):
         if not hidden_units:
             raise ValueError("`hidden_units` must name at least one hidden layer, e.g. (128, 128).")
         self.hidden_units = tuple(_positive_int(h, "hidden_units") for h in hidden_units)
-        self.output_units = None if output_units is None else _positive_int(output_units, "output_units")
+        self.output_units = _output_widths(output_units, "output_units")
         self.activation = activation
         self.separate_towers = bool(separate_towers)
         self.l2 = float(l2)
@@ -98,10 +115,11 @@ class DenseNetwork(keras.layers.Layer):
     def build(self, input_shape):
         if self.output_units is None:
             raise ValueError("`output_units` is not set: give it, or let AffineCoupling set it.")
+        first, second = _pair(self.output_units)
         if self.separate_towers:
-            self._towers = [self._make_tower(self.output_units, 0), self._make_tower(self.output_units, 100)]
+            self._towers = [self._make_tower(first, 0), self._make_tower(second, 100)]
         else:
-            self._towers = [self._make_tower(2 * self.output_units, 0)]
+            self._towers = [self._make_tower(first + second, 0)]
         self.built = True
 
     @staticmethod
@@ -115,13 +133,14 @@ class DenseNetwork(keras.layers.Layer):
         if self.separate_towers:
             return self._run(self._towers[0], h), self._run(self._towers[1], h)
         out = self._run(self._towers[0], h)
-        return out[..., : self.output_units], out[..., self.output_units :]
+        first = _pair(self.output_units)[0]
+        return out[..., :first], out[..., first:]
 
     def get_config(self):
         return {
             **super().get_config(),
             "hidden_units": list(self.hidden_units),
-            "output_units": self.output_units,
+            "output_units": list(self.output_units) if isinstance(self.output_units, tuple) else self.output_units,
             "activation": self.activation,
             "separate_towers": self.separate_towers,
             "l2": self.l2,
@@ -157,7 +176,7 @@ class ConvResNet(keras.layers.Layer):
         if isinstance(num_blocks, bool) or int(num_blocks) != num_blocks or num_blocks < 0:
             raise ValueError(f"`num_blocks` must be a non-negative integer; got {num_blocks!r}.")
         self.num_blocks = int(num_blocks)
-        self.output_channels = None if output_channels is None else _positive_int(output_channels, "output_channels")
+        self.output_channels = _output_widths(output_channels, "output_channels")
         self.kernel_size = _positive_int(kernel_size, "kernel_size")
         self.l2 = float(l2)
         self.seed = seed
@@ -179,7 +198,7 @@ class ConvResNet(keras.layers.Layer):
         k, h = self.kernel_size, self.hidden_channels
         self._stem = self._conv(h, k, 0)
         self._blocks = [(self._conv(h, k, 2 * i + 1), self._conv(h, 1, 2 * i + 2)) for i in range(self.num_blocks)]
-        self._head = self._conv(2 * self.output_channels, k, 0, zero=True)
+        self._head = self._conv(sum(_pair(self.output_channels)), k, 0, zero=True)
         self.built = True
 
     def call(self, inputs, conditional_input=None):
@@ -192,14 +211,16 @@ class ConvResNet(keras.layers.Layer):
         for conv_a, conv_b in self._blocks:
             h = h + conv_b(ops.relu(conv_a(ops.relu(h))))
         out = self._head(ops.relu(h))
-        return out[..., : self.output_channels], out[..., self.output_channels :]
+        first = _pair(self.output_channels)[0]
+        return out[..., :first], out[..., first:]
 
     def get_config(self):
         return {
             **super().get_config(),
             "hidden_channels": self.hidden_channels,
             "num_blocks": self.num_blocks,
-            "output_channels": self.output_channels,
+            "output_channels": (list(self.output_channels) if isinstance(self.output_channels, tuple)
+                                else self.output_channels),
             "kernel_size": self.kernel_size,
             "l2": self.l2,
             "seed": self.seed,

@@ -3,22 +3,30 @@
 from tfp_nvp.bijectors._base import KerasParameterizedBijector, ParameterLayer
 from tfp_nvp.bijectors.actnorm import ActNorm
 from tfp_nvp.bijectors.autoregressive import InverseAutoregressive, MaskedAutoregressive
+from tfp_nvp.bijectors.conditional_affine import ConditionalAffine
 from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
 from tfp_nvp.bijectors.coupling import AffineCoupling
 from tfp_nvp.bijectors.factor_out import FactorOut, OnChannels
+from tfp_nvp.bijectors.invertible_chain import InvertibleChain
+from tfp_nvp.bijectors.leaky_relu import LeakyReLU
 from tfp_nvp.bijectors.logit import LogitTransform
+from tfp_nvp.bijectors.spline import SplineCoupling
 from tfp_nvp.bijectors.squeeze import Squeeze
 
 __all__ = [
     "ActNorm",
     "AffineCoupling",
+    "ConditionalAffine",
     "FactorOut",
     "InverseAutoregressive",
     "Invertible1x1Conv",
+    "InvertibleChain",
     "KerasParameterizedBijector",
+    "LeakyReLU",
     "LogitTransform",
     "MaskedAutoregressive",
     "OnChannels",
     "ParameterLayer",
+    "SplineCoupling",
     "Squeeze",
 ]

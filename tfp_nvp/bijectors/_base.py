@@ -117,19 +117,28 @@ class NetworkContract:
 
     Shared by every network-holding bijector, so the sizing of tfp_nvp networks, the check at construction and
     the error messages are the same everywhere. `labels` name the pair in messages, e.g. ("shift", "log_scale").
+    `output_widths` gives the two outputs different last-axis sizes (`output_shape[-1]` is then ignored);
+    by default both are `output_shape`.
     """
 
-    def __init__(self, input_shape, output_shape, labels: tuple[str, str], conditional_shape=None):
+    def __init__(self, input_shape, output_shape, labels: tuple[str, str], conditional_shape=None,
+                 output_widths: tuple[int, int] | None = None):
         self.input_shape = tuple(input_shape)
         self.output_shape = tuple(output_shape)
         self.labels = labels
         self.conditional_shape = conditional_shape
+        width = self.output_shape[-1]
+        self.output_widths = (width, width) if output_widths is None else tuple(int(w) for w in output_widths)
+
+    def _shapes(self):
+        return [list(self.output_shape[:-1]) + [w] for w in self.output_widths]
 
     def size(self, network):
         """Gives an unsized tfp_nvp network its output width; returns any callable unchanged."""
         from tfp_nvp import networks  # local: the bijectors stay importable without the network zoo
 
-        width = self.output_shape[-1]
+        first, second = self.output_widths
+        width = first if first == second else (first, second)
         if isinstance(network, networks.DenseNetwork) and network.output_units is None:
             network.output_units = width
         elif isinstance(network, networks.ConvResNet) and network.output_channels is None:
@@ -146,13 +155,14 @@ class NetworkContract:
         if isinstance(out, (tuple, list)) or not hasattr(out, "shape"):
             raise ValueError(f"`network` must return ({first}, {second}) or one tensor holding both on its last axis.")
         out = tf.convert_to_tensor(out)
-        width = self.output_shape[-1]
-        if out.shape[-1] != 2 * width:
+        widths = self.output_widths
+        if out.shape[-1] != sum(widths):
+            total = f"2 * {widths[0]}" if widths[0] == widths[1] else f"{widths[0]} + {widths[1]}"
             raise ValueError(
                 f"`network` returned one tensor of shape {list(out.shape)}; a single output must have last axis "
-                f"2 * {width} ({first} then {second}), or return a ({first}, {second}) pair."
+                f"{total} ({first} then {second}), or return a ({first}, {second}) pair."
             )
-        return tf.split(out, 2, axis=-1)
+        return tf.split(out, list(widths), axis=-1)
 
     def check(self, call, dtype):
         """Builds the network through `call(x, c)` on a dummy batch, so shape errors surface at construction."""
@@ -169,10 +179,13 @@ class NetworkContract:
                 + f": {type(e).__name__}: {e}"
             ) from e
         first, second = self.labels
-        for label, t in zip(self.labels, pair):
-            if list(t.shape) != [2, *self.output_shape]:
+        shapes = self._shapes()
+        for label, t, shape in zip(self.labels, pair, shapes):
+            if list(t.shape) != [2, *shape]:
+                wanted = (f"each of shape [batch, *{shapes[0]}]" if shapes[0] == shapes[1]
+                          else f"of shapes [batch, *{shapes[0]}] and [batch, *{shapes[1]}]")
                 raise ValueError(
-                    f"`network` must return ({first}, {second}) each of shape [batch, *{list(self.output_shape)}] "
+                    f"`network` must return ({first}, {second}) {wanted} "
                     f"for input [batch, *{list(self.input_shape)}]; its {label} has shape {list(t.shape)} for "
                     f"input {[2, *self.input_shape]}."
                 )

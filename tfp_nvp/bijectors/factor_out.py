@@ -35,8 +35,52 @@ from tfp_nvp.bijectors._base import (
     as_shape,
     check_event,
 )
+from tfp_nvp.bijectors._conditioning import broadcast_condition, missing_condition, unexpected_condition
 
-__all__ = ["FactorOut", "OnChannels"]
+__all__ = ["FactorOut", "OnChannels", "ContextConv"]
+
+
+@keras.saving.register_keras_serializable(package="tfp_nvp")
+class ContextConv(keras.layers.Layer):
+    """A zero-initialised convolution over the input with a context vector appended to every position.
+
+    The default network of a conditional `FactorOut`: `[N, H, W, k]` and a context `[N, m]` give
+    `[N, H, W, units]` from a `kernel_size` x `kernel_size` convolution of the input concatenated with the
+    context broadcast over H and W (for vector events `[N, k]`, a dense layer on `[input, context]`). Like
+    the unconditional split prior it starts at zero, so a fresh split is `N(0, 1)` whatever the context.
+
+    Example:
+      >>> net = ContextConv(4)
+      >>> net(keras.ops.zeros((2, 4, 4, 2)), conditional_input=keras.ops.ones((2, 10))).shape
+      TensorShape([2, 4, 4, 4])
+    """
+
+    def __init__(self, units: int, kernel_size: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.kernel_size = int(kernel_size)
+
+    def build(self, input_shape):
+        if len(input_shape) == 4:
+            self._layer = keras.layers.Conv2D(self.units, self.kernel_size, padding="same",
+                                              kernel_initializer="zeros", dtype=self.dtype_policy, name="conv")
+        else:
+            self._layer = keras.layers.Dense(self.units, kernel_initializer="zeros", dtype=self.dtype_policy,
+                                             name="dense")
+        self.built = True
+
+    def call(self, inputs, conditional_input=None):
+        h = inputs
+        if conditional_input is not None:
+            c = keras.ops.cast(conditional_input, inputs.dtype)
+            if len(inputs.shape) == 4:
+                m = conditional_input.shape[-1]
+                c = keras.ops.broadcast_to(keras.ops.reshape(c, (-1, 1, 1, m)), (*keras.ops.shape(inputs)[:3], m))
+            h = keras.ops.concatenate([inputs, c], axis=-1)
+        return self._layer(h)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "kernel_size": self.kernel_size}
 
 
 def _num_exit(channels: int, num_exit_channels, exit_fraction) -> int:
@@ -86,6 +130,11 @@ class FactorOut(KerasParameterizedBijector):
         channels (mu first). Default: a single zero-initialised 3x3 `keras.layers.Conv2D` (GLOW's split
         prior; a `Dense` layer for vectors), so a fresh layer is `N(0, 1)`. A `tfp_nvp.networks.ConvResNet`
         / `DenseNetwork` with `output_channels` / `output_units` left `None` is sized here.
+      conditional_shape: `[m]` makes the prior conditional on a context vector `c`, `x_exit ~ N(mu(x_keep, c),
+        sigma(x_keep, c)^2)`: the network is called as `network(x_keep, conditional_input=c)` (default: a
+        `ContextConv`, the same zero-initialised convolution over `x_keep` with `c` appended at every
+        position) and `c` reaches the bijector through `bijector_kwargs={name: {"conditional_input": c}}`
+        (see `tfp_nvp.conditional_kwargs`). Its batch shape must broadcast with the data's.
 
     Example:
       >>> split = FactorOut([4, 4, 4], exit_fraction=0.5)
@@ -102,6 +151,7 @@ class FactorOut(KerasParameterizedBijector):
         dtype=tf.float32,
         validate_args: bool = False,
         name: str = "factor_out",
+        conditional_shape: Sequence[int] | None = None,
     ):
         parameters = dict(locals())
         event_shape = as_shape(event_shape, "event_shape", rank=(1, 3))
@@ -118,11 +168,15 @@ class FactorOut(KerasParameterizedBijector):
         self._num_exit = exit_channels
         self._keep_shape = tuple(event_shape[:-1]) + (self._num_keep,)
         self._exit_shape = tuple(event_shape[:-1]) + (exit_channels,)
+        self._conditional_shape = (
+            None if conditional_shape is None else as_shape(conditional_shape, "conditional_shape", rank=1)
+        )
         with tf.name_scope(name) as name:
-            self._contract = NetworkContract(self._keep_shape, self._exit_shape, ("mu", "log_sigma"))
+            self._contract = NetworkContract(self._keep_shape, self._exit_shape, ("mu", "log_sigma"),
+                                             self._conditional_shape)
             network = self._setup_network(network, dtype, name.rstrip("/"))
             self._network = network
-            self._contract.check(lambda x, _: self._network(x), dtype)
+            self._contract.check(self._call_network, dtype)
             # The network is unique per instance, so equal-config splits never share TFP's cache.
             parameters["network"] = network
             self._track_layers([network])
@@ -137,7 +191,9 @@ class FactorOut(KerasParameterizedBijector):
 
     def _setup_network(self, network, dtype, name):
         e = self._num_exit
-        if network is None:
+        if network is None and self._conditional_shape is not None:
+            network = ContextConv(2 * e, dtype=dtype.name, name=f"{name}_prior")
+        elif network is None:
             if len(self._event_shape_) == 3:
                 network = keras.layers.Conv2D(2 * e, 3, padding="same", kernel_initializer="zeros",
                                               dtype=dtype.name, name=f"{name}_prior")
@@ -161,37 +217,71 @@ class FactorOut(KerasParameterizedBijector):
     def network(self):
         return self._network
 
+    @property
+    def conditional_shape(self) -> tuple[int, ...] | None:
+        """`[m]` for a prior conditional on a context vector, else `None`."""
+        return self._conditional_shape
+
     # ----------------------------------------------------------------------------------------- math
-    def _prior(self, x_keep):
-        """(mu, log_sigma) for every batch member, whatever the batch rank."""
-        batch_shape = tf.shape(x_keep)[: -len(self._event_shape_)]
+    def _call_network(self, x_keep, conditional_input):
+        if conditional_input is None:
+            return self._network(x_keep)
+        return self._network(x_keep, conditional_input=conditional_input)
+
+    def _prior(self, x_keep, conditional_input=None):
+        """(mu, log_sigma) for every batch member, whatever the batch rank.
+
+        With a condition the batch is that of `x_keep` broadcast with the condition's, so the outputs may
+        have more batch dimensions than `x_keep`; `tf.concat` with the kept channels then needs `_lift`.
+        """
+        rank = len(self._event_shape_)
+        c = None
+        if self._conditional_shape is None:
+            if conditional_input is not None:
+                raise unexpected_condition(self.name)
+        elif conditional_input is None:
+            raise missing_condition(self.name, self._conditional_shape)
+        else:
+            x_keep, c, _ = broadcast_condition(self, x_keep, conditional_input, rank)
+            c = tf.reshape(c, (-1,) + self._conditional_shape)
+        batch_shape = tf.shape(x_keep)[: tf.rank(x_keep) - rank]
         flat = tf.reshape(x_keep, (-1,) + self._keep_shape)
-        mean, log_sigma = self._contract.split(self._network(flat))
+        mean, log_sigma = self._contract.split(self._call_network(flat, c))
         shape = tf.concat([batch_shape, self._exit_shape], 0)
         return tf.reshape(tf.cast(mean, x_keep.dtype), shape), tf.reshape(tf.cast(log_sigma, x_keep.dtype), shape)
+
+    def _lift(self, t, like):
+        """`t` broadcast to the batch shape of `like` (a condition with more batch dimensions than the data)."""
+        if self._conditional_shape is None:
+            return t
+        rank = len(self._event_shape_)
+        batch = tf.shape(like)[: tf.rank(like) - rank]
+        return tf.broadcast_to(t, tf.concat([batch, tf.shape(t)[tf.rank(t) - rank:]], 0))
 
     def _reduce_event(self, t):
         return tf.reduce_sum(t, axis=list(range(-len(self._event_shape_), 0)))
 
-    def _forward(self, x):
+    def _forward(self, x, conditional_input=None):
         x = self._check_event(x, "x")
         keep, z_exit = x[..., : self._num_keep], x[..., self._num_keep:]
-        mean, log_sigma = self._prior(keep)
-        return tf.concat([keep, z_exit * tf.exp(log_sigma) + mean], axis=-1)
+        mean, log_sigma = self._prior(keep, conditional_input)
+        exit_ = z_exit * tf.exp(log_sigma) + mean
+        return tf.concat([self._lift(keep, exit_), exit_], axis=-1)
 
-    def _inverse(self, y):
+    def _inverse(self, y, conditional_input=None):
         y = self._check_event(y, "y")
         keep, x_exit = y[..., : self._num_keep], y[..., self._num_keep:]
-        mean, log_sigma = self._prior(keep)
-        return tf.concat([keep, (x_exit - mean) * tf.exp(-log_sigma)], axis=-1)
+        mean, log_sigma = self._prior(keep, conditional_input)
+        exit_ = (x_exit - mean) * tf.exp(-log_sigma)
+        return tf.concat([self._lift(keep, exit_), exit_], axis=-1)
 
-    def _forward_log_det_jacobian(self, x):
+    def _forward_log_det_jacobian(self, x, conditional_input=None):
         x = self._check_event(x, "x")
-        return self._reduce_event(self._prior(x[..., : self._num_keep])[1])
+        return self._reduce_event(self._prior(x[..., : self._num_keep], conditional_input)[1])
 
-    def _inverse_log_det_jacobian(self, y):
+    def _inverse_log_det_jacobian(self, y, conditional_input=None):
         y = self._check_event(y, "y")
-        return -self._reduce_event(self._prior(y[..., : self._num_keep])[1])
+        return -self._reduce_event(self._prior(y[..., : self._num_keep], conditional_input)[1])
 
 
 class OnChannels(tfb.Bijector):
@@ -276,15 +366,23 @@ class OnChannels(tfb.Bijector):
     def _split(self, x):
         return x[..., : self._num_channels], x[..., self._num_channels:]
 
+    @staticmethod
+    def _join(inner, rest, kwargs):
+        if kwargs and not (inner.shape.rank is not None and inner.shape[:-1].is_fully_defined()
+                           and inner.shape[:-1] == rest.shape[:-1]):
+            # A condition with more batch dimensions than the data broadcasts the inner bijector's output.
+            rest = tf.broadcast_to(rest, tf.concat([tf.shape(inner)[:-1], tf.shape(rest)[-1:]], 0))
+        return tf.concat([inner, rest], axis=-1)
+
     def _forward(self, x, **kwargs):
         x = check_event(self, x, "x", self._event_shape_)
         inner, rest = self._split(x)
-        return tf.concat([self._bijector.forward(inner, **kwargs), rest], axis=-1)
+        return self._join(self._bijector.forward(inner, **kwargs), rest, kwargs)
 
     def _inverse(self, y, **kwargs):
         y = check_event(self, y, "y", self._event_shape_)
         inner, rest = self._split(y)
-        return tf.concat([self._bijector.inverse(inner, **kwargs), rest], axis=-1)
+        return self._join(self._bijector.inverse(inner, **kwargs), rest, kwargs)
 
     def _forward_log_det_jacobian(self, x, **kwargs):
         x = check_event(self, x, "x", self._event_shape_)
