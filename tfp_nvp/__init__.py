@@ -30,6 +30,7 @@ from tfp_nvp.layers import FlowLayer, NegativeLogLikelihood  # noqa: E402
 from tfp_nvp.conditioned import ConditionedFlow, condition  # noqa: E402
 from tfp_nvp.initialize import initialize  # noqa: E402  (rebinds the submodule name to the function)
 from tfp_nvp.export import export_flow  # noqa: E402
+from tfp_nvp.vi import neutra_initial_state, neutra_kernel, neutra_trace_fn, surrogate_posterior  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -65,7 +66,11 @@ __all__ = [
     "initialize",
     "maf",
     "networks",
+    "neutra_initial_state",
+    "neutra_kernel",
+    "neutra_trace_fn",
     "real_nvp",
     "spline_flow",
     "standard_normal",
+    "surrogate_posterior",
 ]
