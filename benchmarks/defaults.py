@@ -1,0 +1,224 @@
+"""Which defaults reach a good two-moons density fast: candidate recipes, several seeds each.
+
+Every run trains a RealNVP on `two_moons(3000, seed=s)` and scores the mean negative log-likelihood of 20 000
+fresh points `two_moons(20000, seed=10000 + s)` against the exact bound `moons_entropy()` (1.1312 nats).
+Each (recipe, seed) runs in a fresh process pinned to one TensorFlow thread, so process CPU time is close to
+what the run costs on a quiet machine even when the machine is shared (wall time then counts other people's
+work too). Reported per run: held-out NLL, optimizer steps, epochs, process CPU seconds (all, and after the
+first step, which pays for tracing and XLA compilation), wall seconds.
+
+    python benchmarks/defaults.py                               # every recipe, seeds 0 1 2, 3 processes at a time
+    python benchmarks/defaults.py --recipes package quickstart --seeds 0 1 2 3
+    python benchmarks/defaults.py --list
+
+Results are appended as JSON lines to --out (default benchmarks/defaults_results.jsonl) and summarised as a
+markdown table (mean +/- sd over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+# A recipe: the flow (`couplings` x `hidden`), Adam's peak rate `lr` with `schedule` ("const", or "cosine":
+# linear warmup over `warmup` of the steps, then cosine decay to `alpha` x peak at the last step), `batch`,
+# `epochs`, an optional validation split with early stopping on val_nll (`val`, `patience`), XLA (`jit`).
+# "package" recipes use the package's defaults instead: `real_nvp([2])`, `FlowModel.compile()` and `fit(x,
+# epochs=...)` with nothing else; "quickstart" is the README quick start exactly as proposed.
+BASE = dict(couplings=8, hidden=(128, 128), lr=1e-3, schedule="const", warmup=0.0, alpha=0.01, batch=256,
+            epochs=50, val=0.0, patience=None, jit=True)
+RECIPES = {
+    # the README quick start before this change (8 x (128, 128), Adam 1e-3, 50 epochs, val 0.1, patience 10)
+    "old-quickstart": dict(val=0.1, patience=10),
+    # the example's recipe (examples/two_moons.py): 16 x (64, 64), 5e-3 cosine, batch 300, 170 epochs, val 0.1
+    "example": dict(couplings=16, hidden=(64, 64), lr=5e-3, schedule="cosine", batch=300, epochs=170, val=0.1,
+                    patience=85),
+    # short cosine runs on all 3000 points, no validation; 3000 / batch steps per epoch
+    "8x128-lr5e-3-b300-600": dict(lr=5e-3, schedule="cosine", warmup=0.05, batch=300, epochs=60),
+    "8x128-lr5e-3-b300-1000": dict(lr=5e-3, schedule="cosine", warmup=0.05, batch=300, epochs=100),
+    "8x128-lr1e-2-b300-1000": dict(lr=1e-2, schedule="cosine", warmup=0.05, batch=300, epochs=100),
+    "16x64-lr5e-3-b300-600": dict(couplings=16, hidden=(64, 64), lr=5e-3, schedule="cosine", warmup=0.05,
+                                  batch=300, epochs=60),
+    "16x64-lr5e-3-b300-1000": dict(couplings=16, hidden=(64, 64), lr=5e-3, schedule="cosine", warmup=0.05,
+                                   batch=300, epochs=100),
+    "16x64-lr1e-2-b300-600": dict(couplings=16, hidden=(64, 64), lr=1e-2, schedule="cosine", warmup=0.05,
+                                  batch=300, epochs=60),
+    "16x64-lr5e-3-b600-600": dict(couplings=16, hidden=(64, 64), lr=5e-3, schedule="cosine", warmup=0.05,
+                                  batch=600, epochs=120),
+    "12x64-lr5e-3-b300-1000": dict(couplings=12, hidden=(64, 64), lr=5e-3, schedule="cosine", warmup=0.05,
+                                   batch=300, epochs=100),
+    # the same without XLA (FlowModel's default on CPU), 720 steps: peak rate and batch size
+    "16x64-lr1e-2-b256-720-noxla": dict(couplings=16, hidden=(64, 64), lr=1e-2, schedule="cosine", warmup=0.05,
+                                        batch=256, epochs=60, jit=False),
+    "16x64-lr5e-3-b512-720-noxla": dict(couplings=16, hidden=(64, 64), lr=5e-3, schedule="cosine", warmup=0.05,
+                                        batch=512, epochs=120, jit=False),
+    "16x64-lr1e-2-b512-720-noxla": dict(couplings=16, hidden=(64, 64), lr=1e-2, schedule="cosine", warmup=0.05,
+                                        batch=512, epochs=120, jit=False),
+    "16x64-lr5e-3-b1000-720-noxla": dict(couplings=16, hidden=(64, 64), lr=5e-3, schedule="cosine", warmup=0.05,
+                                         batch=1000, epochs=240, jit=False),
+    "16x64-lr5e-3-b256-1200-noxla": dict(couplings=16, hidden=(64, 64), lr=5e-3, schedule="cosine", warmup=0.05,
+                                         batch=256, epochs=100, jit=False),
+    # the package's defaults: real_nvp([2]) + FlowModel.compile() + fit(x, epochs=E)
+    "package-e40": dict(package=True, epochs=40),
+    "package-e60": dict(package=True, epochs=60),
+    "package-e100": dict(package=True, epochs=100),
+    "package-e150": dict(package=True, epochs=150),
+    # the proposed README quick start, verbatim in spirit (see run_quickstart)
+    "quickstart": dict(quickstart=True),
+}
+
+
+class _FirstStepClock:
+    """Process CPU time when the first training step ends (tracing and XLA compilation included)."""
+
+    def __init__(self, keras):
+        clock = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if clock.first is None:
+                    clock.first = time.process_time()
+
+        self.first = None
+        self.callback = Callback()
+
+
+def run_one(name: str, seed: int) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import tfp_nvp
+    from tfp_nvp.data import moons_entropy, two_moons
+
+    recipe = {**BASE, **RECIPES[name]}
+    keras.utils.set_random_seed(seed)
+    x = two_moons(3000, seed=seed)
+    x_test = two_moons(20_000, seed=10_000 + seed)
+    clock = _FirstStepClock(keras)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    if recipe.get("quickstart"):
+        model, history = run_quickstart(x, seed, extra_callbacks=[clock.callback])
+    elif recipe.get("package"):
+        model = tfp_nvp.FlowModel(tfp_nvp.real_nvp([2], seed=seed))
+        model.compile()
+        history = model.fit(x, epochs=recipe["epochs"], verbose=0, callbacks=[clock.callback])
+    else:
+        flow = tfp_nvp.real_nvp([2], num_coupling_layers=recipe["couplings"], hidden_units=recipe["hidden"],
+                                seed=seed)
+        model = tfp_nvp.FlowModel(flow)
+        n_train = int(len(x) * (1 - recipe["val"]))
+        steps = recipe["epochs"] * -(-n_train // recipe["batch"])
+        if recipe["schedule"] == "cosine":
+            warmup = int(recipe["warmup"] * steps)
+            lr = keras.optimizers.schedules.CosineDecay(
+                recipe["lr"] if not warmup else 0.0, decay_steps=steps - warmup, alpha=recipe["alpha"],
+                warmup_target=recipe["lr"] if warmup else None, warmup_steps=warmup)
+        else:
+            lr = recipe["lr"]
+        model.compile(optimizer=keras.optimizers.Adam(lr), jit_compile=recipe["jit"])
+        callbacks = [clock.callback]
+        if recipe["patience"]:
+            callbacks.append(keras.callbacks.EarlyStopping("val_nll", patience=recipe["patience"],
+                                                           restore_best_weights=True))
+        history = model.fit(x, epochs=recipe["epochs"], batch_size=recipe["batch"], validation_split=recipe["val"],
+                            callbacks=callbacks, verbose=0)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    steps = int(model.optimizer.iterations.numpy())
+    nll = float(-np.mean(model.log_prob(x_test)))
+    return dict(recipe=name, seed=seed, nll=nll, gap=nll - moons_entropy(), steps=steps,
+                epochs=len(history.history["loss"]), cpu=cpu, cpu_after_first=cpu - (clock.first - cpu0),
+                wall=wall, finite=bool(np.isfinite(nll)))
+
+
+def run_quickstart(x, seed, extra_callbacks=()):
+    """The README quick start (proposed): the package's defaults, 150 epochs (1800 steps of 256)."""
+    import tfp_nvp
+
+    flow = tfp_nvp.real_nvp([2], seed=seed)
+    model = tfp_nvp.FlowModel(flow)
+    model.compile()
+    history = model.fit(x, epochs=150, verbose=0, callbacks=list(extra_callbacks))
+    return model, history
+
+
+def summarise(rows: list[dict]) -> str:
+    import numpy as np
+
+    lines = ["| recipe | seeds | held-out NLL mean +/- sd | worst | steps | epochs | CPU s | CPU s after 1st step "
+             "| steps / CPU s | wall s (shared) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    by_recipe: dict[str, list[dict]] = {}
+    for row in rows:
+        by_recipe.setdefault(row["recipe"], []).append(row)
+    for name, rs in by_recipe.items():
+        nll = np.array([r["nll"] for r in rs])
+        mean = lambda key: float(np.mean([r[key] for r in rs]))  # noqa: E731
+        rate = np.mean([(r["steps"] - 1) / r["cpu_after_first"] for r in rs])
+        lines.append(f"| {name} | {len(rs)} | {nll.mean():.4f} +/- {nll.std(ddof=1) if len(rs) > 1 else 0:.4f} "
+                     f"| {nll.max():.4f} | {mean('steps'):.0f} | {mean('epochs'):.0f} | {mean('cpu'):.1f} "
+                     f"| {mean('cpu_after_first'):.1f} | {rate:.0f} | {mean('wall'):.1f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=None)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=3, help="processes at a time")
+    parser.add_argument("--out", default="benchmarks/defaults_results.jsonl")
+    parser.add_argument("--summary", action="store_true", help="only print the table of --out")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.list:
+        for name, recipe in RECIPES.items():
+            print(name, {**BASE, **recipe})
+        return
+    if args.run:
+        print(json.dumps(run_one(args.run, args.seed)), flush=True)
+        return
+    if not args.summary:
+        names = args.recipes or list(RECIPES)
+        unknown = [n for n in names if n not in RECIPES]
+        if unknown:
+            parser.error(f"unknown recipes {unknown}; --list shows them")
+        # seeds outermost: a first pass over every recipe finishes before any second seed
+        queue = [(n, s) for s in args.seeds for n in names]
+        running: list[tuple[subprocess.Popen, str, int]] = []
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                name, seed = queue.pop(0)
+                proc = subprocess.Popen([sys.executable, __file__, "--run", name, "--seed", str(seed)],
+                                        stdout=subprocess.PIPE, text=True)
+                running.append((proc, name, seed))
+            time.sleep(1.0)
+            for item in list(running):
+                proc, name, seed = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                out = proc.stdout.read().strip().splitlines()
+                if proc.returncode or not out:
+                    print(f"{name} seed {seed}: failed (exit {proc.returncode})", flush=True)
+                    continue
+                with open(args.out, "a") as f:
+                    f.write(out[-1] + "\n")
+                r = json.loads(out[-1])
+                print(f"{name} seed {seed}: NLL {r['nll']:.4f}, {r['steps']} steps, {r['cpu']:.1f} s CPU, "
+                      f"{r['wall']:.1f} s wall", flush=True)
+    with open(args.out) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    print(summarise(rows))
+
+
+if __name__ == "__main__":
+    main()
