@@ -145,33 +145,20 @@ def _fit(build, x, strategy=None):
     return model, history.history, start
 
 
-def test_mirrored_fit_matches_standard_training():
-    """`FlowModel.fit` of the invertible flow under MirroredStrategy (the two logical CPUs of tests/conftest.py)
-    against single-device standard training: the same weights after three SGD steps.
-
-    The ActNorms initialise in the first step, inside each replica's custom-gradient pass, from statistics
-    summed across replicas. (Single-device `fit` with invertible backprop matched too, but three traced fits
-    cost more than this file's time budget; the traced single-device step is covered above.)
-    """
+def test_several_replicas_are_refused_with_a_clear_error():
+    """Under MirroredStrategy (the two logical CPUs of tests/conftest.py) the replicas' collectives fell out of
+    step now and then; the chain refuses several replicas instead of failing at random."""
     cpus = tf.config.list_logical_devices("CPU")
     assert len(cpus) >= 2, "tests/conftest.py should have split the CPU into two logical devices"
     mirrored = tf.distribute.MirroredStrategy([cpus[0].name, cpus[1].name])
     _, kwargs, _ = FLOWS["glow_lu"]
-    x = _data("glow", (48, 4, 4, 2), np.float32, seed=3).numpy()
-    runs = [_fit(lambda: tfp_nvp.glow(invertible_backprop=False, **kwargs), x),
-            _fit(lambda: tfp_nvp.glow(invertible_backprop=True, **kwargs), x, mirrored)]
-    reference, h0, start = runs[0]
-    for model, history, _ in runs[1:]:
-        assert isinstance(model.distribution.bijector, InvertibleChain)
-        assert len(model.weights) == len(reference.weights)
-        for a, b in zip(reference.weights, model.weights):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=WEIGHT_ATOL, err_msg=b.path)
-        np.testing.assert_allclose(history["loss"], h0["loss"], rtol=1e-5)
-    # Training moved the weights (not only ActNorm's initialisation): the equality above is not that of two
-    # untouched models.
-    moved = max(float(np.max(np.abs(np.asarray(w) - s))) for w, s in zip(reference.weights, start)
-                if "actnorm" not in w.path)
-    assert moved > 100 * WEIGHT_ATOL
+    x = _data("glow", (32, 4, 4, 2), np.float32, seed=3).numpy()
+    with pytest.raises(NotImplementedError, match="invertible_backprop=False"):
+        _fit(lambda: tfp_nvp.glow(invertible_backprop=True, **kwargs), x, mirrored)
+    # The same flow with the standard chain trains under the same strategy.
+    model, history, start = _fit(lambda: tfp_nvp.glow(invertible_backprop=False, **kwargs), x, mirrored)
+    assert np.isfinite(history["loss"]).all()
+    assert any(not np.array_equal(np.asarray(w), s) for w, s in zip(model.weights, start))
 
 
 def test_keras_file_round_trip_and_helpers(tmp_path):
