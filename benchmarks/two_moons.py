@@ -1,4 +1,4 @@
-"""Two moons, three ways, one run: the book's Keras RealNVP, TFP's tfb.RealNVP, and tfp_nvp's example defaults.
+"""Two moons in one run: the book's Keras RealNVP, TFP's tfb.RealNVP, and tfp_nvp's example recipes.
 
 Every model sees the same 3000 standardized training moons (noise 0.05) and is scored on the same 20000
 fresh moons: held-out NLL in nats per point, its gap to the exact entropy bound `tfp_nvp.data.moons_entropy()`
@@ -15,8 +15,9 @@ fresh moons: held-out NLL in nats per point, its gap to the exact entropy bound 
 (b) "tfp": `tfb.RealNVP` couplings (one masked dimension) interleaved with `tfb.Permute`, each with a
     `tf.Module` MLP conditioner (two 256-unit ReLU layers, linear shift and log-scale heads), trained with the
     book's optimizer and batch size by a `tf.function(jit_compile=True)` loop.
-(c) "tfp_nvp": examples/two_moons.py's defaults (FlowModel.fit, validation split, early stopping, cosine
-    decay, XLA).
+(c) "ours", "spline", "ffjord": examples/two_moons.py's recipes for `--flow real_nvp / spline / ffjord`
+    (FlowModel.fit, validation split, early stopping, cosine decay; XLA except for FFJORD), each run for
+    `--seeds` seeds; the table gives the median NLL over seeds with min and max, and the median time.
 """
 
 from __future__ import annotations
@@ -175,27 +176,37 @@ def load_example():
     return example
 
 
-def run_ours(x, x_test, epochs, seed):
+def run_ours(x, x_test, epochs, seed, flow="real_nvp"):
     example = load_example()
     keras.utils.set_random_seed(seed)
-    model = example.build_model(seed)
-    _, seconds = example.train(model, x, epochs, verbose=0)
+    model = example.build_model(seed, flow)
+    _, seconds = example.train(model, x, epochs or example.RECIPES[flow]["epochs"], flow, verbose=0)
     return seconds, float(-np.mean(model.log_prob(x_test)))
+
+
+def run_seeds(x, x_test, epochs, seeds, flow):
+    """Median time and NLL over `seeds` runs (the data stay those of `--seed`), plus the NLL range."""
+    results = [run_ours(x, x_test, epochs, seed, flow) for seed in seeds]
+    seconds, nlls = np.median([r[0] for r in results]), [r[1] for r in results]
+    return float(seconds), float(np.median(nlls)), min(nlls), max(nlls)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs-book", type=int, default=300, help="the book trains 300 epochs")
     p.add_argument("--epochs-tfp", type=int, default=300)
-    p.add_argument("--epochs-ours", type=int, default=None, help="default: the example's default")
+    p.add_argument("--epochs-ours", type=int, default=None, help="default: each example recipe's epochs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="*", choices=["book", "tfp", "ours"], default=["book", "tfp", "ours"])
-    p.add_argument("--quick", action="store_true", help="smoke run: 3 epochs each")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per example recipe (median reported)")
+    p.add_argument("--only", nargs="*", choices=["book", "tfp", "ours", "spline", "ffjord"],
+                   default=["book", "tfp", "ours", "spline", "ffjord"])
+    p.add_argument("--quick", action="store_true", help="smoke run: 3 epochs each, one seed")
     args = p.parse_args()
     if args.quick:
         args.epochs_book = args.epochs_tfp = args.epochs_ours = 3
-    if args.epochs_ours is None:
-        args.epochs_ours = load_example().EPOCHS
+        args.seeds = 1
+    seeds = [args.seed + i for i in range(args.seeds)]
+    recipes = load_example().RECIPES
 
     x = two_moons(3000, seed=args.seed)
     x_test = two_moons(20_000, seed=args.seed + 10_000)
@@ -205,29 +216,32 @@ def main():
                  lambda: run_book(x, x_test, args.epochs_book, args.seed)),
         "tfp": (f"TFP tfb.RealNVP (6x MLP 2x256, Adam 1e-4, batch 256, {args.epochs_tfp} epochs, XLA loop)",
                 lambda: run_tfp(x, x_test, args.epochs_tfp, args.seed)),
-        "ours": (f"tfp_nvp example defaults (max {args.epochs_ours} epochs, early stopping)",
-                 lambda: run_ours(x, x_test, args.epochs_ours, args.seed)),
     }
+    for key, flow in (("ours", "real_nvp"), ("spline", "spline"), ("ffjord", "ffjord")):
+        epochs = args.epochs_ours or recipes[flow]["epochs"]
+        runs[key] = (f"tfp_nvp `--flow {flow}` (max {epochs} epochs, early stopping; median of {len(seeds)} seeds)",
+                     lambda flow=flow, epochs=epochs: run_seeds(x, x_test, epochs, seeds, flow))
     results = {}
     for key in args.only:
         label, fn = runs[key]
         print(f"running {key} ...", flush=True)
         results[key] = fn()
-        print(f"  {results[key][0]:.1f} s, held-out NLL {results[key][1]:.4f}", flush=True)
+        print(f"  {results[key][0]:.1f} s, held-out NLL {results[key][1]:.4f}", flush=True)  # medians
 
     print()
     print(f"{time.strftime('%Y-%m-%d')}; {os.cpu_count()} CPUs ({platform.machine()}), TF {tf.__version__}, "
           f"Keras {keras.__version__}, TFP {tfp.__version__}. Held-out: 20000 fresh moons; "
           f"entropy bound {bound:.4f} nats.")
     print()
-    print("| model | train s | held-out NLL | gap to bound | time / book | gap / book |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| model | train s | held-out NLL | seeds' range | gap to bound | time / book | gap / book |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     ref = results.get("book")
-    for key, (seconds, nll) in results.items():
+    for key, (seconds, nll, *spread) in results.items():
         gap = nll - bound
         t_ratio = f"{seconds / ref[0]:.2f}" if ref else "-"
         g_ratio = f"{gap / (ref[1] - bound):.2f}" if ref else "-"
-        print(f"| {runs[key][0]} | {seconds:.1f} | {nll:.4f} | {gap:.4f} | {t_ratio} | {g_ratio} |")
+        span = f"{spread[0]:.4f}-{spread[1]:.4f}" if spread else "-"
+        print(f"| {runs[key][0]} | {seconds:.1f} | {nll:.4f} | {span} | {gap:.4f} | {t_ratio} | {g_ratio} |")
 
 
 if __name__ == "__main__":

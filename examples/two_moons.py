@@ -1,9 +1,12 @@
-"""RealNVP on two moons: train with Keras `fit`, check the held-out NLL against the exact bound, draw figures.
+"""Flows on two moons: train with Keras `fit`, check the held-out NLL against the exact bound, draw figures.
 
 The book chapter's experiment (3000 standardized moons, noise 0.05), trained the way small data asks for:
 a validation split watched by early stopping, a cosine learning-rate decay, and a flow sized to the task.
+Three flow families, each with the recipe measured for it (benchmarks/README.md has the sweeps):
 
-    python examples/two_moons.py                     # defaults: about a minute of training on 2 CPU cores
+    python examples/two_moons.py                     # RealNVP (affine couplings): about a minute on 2 CPU cores
+    python examples/two_moons.py --flow spline       # rational-quadratic spline couplings
+    python examples/two_moons.py --flow ffjord       # continuous flow (ODE solves: several minutes)
     python examples/two_moons.py --epochs 50 --output-dir /tmp/moons
 
 Figures (PNG) in the output folder:
@@ -34,26 +37,34 @@ from tfp_nvp.data import moons_entropy, two_moons  # noqa: E402
 # Chosen by measurement on 2 CPU cores (benchmarks/README.md has the sweep). A step's cost here is per-op
 # overhead, so depth is what costs time; it is also what fits the thin arcs: 16 couplings of (64, 64) beat
 # 8 of (128, 128) by 0.15 nats. A short cosine schedule at a high rate beat longer runs: validation NLL
-# stopped improving by epoch ~110 of 260 at this rate; EPOCHS of cosine decay fit the minute.
+# stopped improving by epoch ~110 of 260 at this rate; 170 epochs of cosine decay fit the minute.
 NUM_POINTS = 3000
 VALIDATION_SPLIT = 0.1
 # 300 divides both the 2700 training and the 300 validation points: every batch has one shape, so the
 # XLA-compiled step is compiled once for training and once for validation, never for a short last batch.
 BATCH_SIZE = 300
-LEARNING_RATE = 5e-3
-EPOCHS = 170
-FLOW = dict(num_coupling_layers=16, hidden_units=(64, 64), log_scale_bound="tanh")
+RECIPES = {
+    "real_nvp": dict(builder=tfp_nvp.real_nvp, learning_rate=5e-3, epochs=170, jit_compile=True,
+                     flow=dict(num_coupling_layers=16, hidden_units=(64, 64), log_scale_bound="tanh")),
+    "spline": dict(builder=tfp_nvp.spline_flow, learning_rate=5e-3, epochs=170, jit_compile=True,
+                   flow=dict(num_coupling_layers=6, hidden_units=(64, 64), num_bins=8)),
+    # XLA cannot compile the ODE solver's loop; each step solves the ODE and its adjoint.
+    "ffjord": dict(builder=tfp_nvp.ffjord, learning_rate=5e-3, epochs=60, jit_compile=False,
+                   flow=dict(hidden_units=(64, 64), atol=1e-4, rtol=1e-4)),
+}
 
 
-def build_model(seed: int) -> tfp_nvp.FlowModel:
-    return tfp_nvp.FlowModel(tfp_nvp.real_nvp([2], seed=seed, **FLOW))
+def build_model(seed: int, flow: str = "real_nvp") -> tfp_nvp.FlowModel:
+    recipe = RECIPES[flow]
+    return tfp_nvp.FlowModel(recipe["builder"]([2], seed=seed, **recipe["flow"]))
 
 
-def train(model, x, epochs: int, verbose="auto"):
+def train(model, x, epochs: int, flow: str = "real_nvp", verbose="auto"):
+    recipe = RECIPES[flow]
     steps = epochs * int(np.ceil(len(x) * (1 - VALIDATION_SPLIT) / BATCH_SIZE))
     # Cosine decay to 1% of the start: big steps find the moons, small ones settle the thin arcs.
-    schedule = keras.optimizers.schedules.CosineDecay(LEARNING_RATE, decay_steps=steps, alpha=0.01)
-    model.compile(optimizer=keras.optimizers.Adam(schedule), jit_compile=True)
+    schedule = keras.optimizers.schedules.CosineDecay(recipe["learning_rate"], decay_steps=steps, alpha=0.01)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), jit_compile=recipe["jit_compile"])
     stop = keras.callbacks.EarlyStopping("val_nll", patience=max(10, epochs // 2),
                                          restore_best_weights=True)
     start = time.perf_counter()
@@ -113,35 +124,41 @@ def density_figure(model, path: Path, extent: float = 3.0, n: int = 300):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="RealNVP on two moons with tfp_nvp.FlowModel.")
-    parser.add_argument("--epochs", type=int, default=EPOCHS, help="maximum epochs (early stopping may end sooner)")
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs/two_moons"))
+    parser = argparse.ArgumentParser(description="Normalizing flows on two moons with tfp_nvp.FlowModel.")
+    parser.add_argument("--flow", choices=sorted(RECIPES), default="real_nvp", help="which flow family to train")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="maximum epochs (default: the flow's recipe; early stopping may end sooner)")
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: outputs/two_moons[_FLOW]")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.epochs is None:
+        args.epochs = RECIPES[args.flow]["epochs"]
     if args.epochs <= 0:
         parser.error("--epochs must be positive")
+    if args.output_dir is None:
+        args.output_dir = Path("outputs/two_moons" + ("" if args.flow == "real_nvp" else f"_{args.flow}"))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(args.seed)
 
     x = two_moons(NUM_POINTS, seed=args.seed)
     x_test = two_moons(20_000, seed=args.seed + 10_000)  # fresh moons the model never saw
     z = np.random.default_rng(args.seed).standard_normal((NUM_POINTS, 2)).astype("float32")
-    model = build_model(args.seed)
-    transport_figure(model, x, z, "before training (every coupling starts at the identity)",
+    model = build_model(args.seed, args.flow)
+    transport_figure(model, x, z, f"{args.flow} before training (the flow starts at the identity)",
                      args.output_dir / "before_training.png")
 
     cpu_start = time.process_time()
-    history, seconds = train(model, x, args.epochs)
+    history, seconds = train(model, x, args.epochs, args.flow)
     cpu_seconds = time.process_time() - cpu_start
     nll = float(-np.mean(model.log_prob(x_test)))
     bound = moons_entropy()
     # CPU time next to wall time: on a shared machine the wall clock also counts other people's work.
     print(f"training wall time: {seconds:.1f} s, process CPU time {cpu_seconds:.1f} s "
           f"({len(history.history['loss'])} epochs)")
-    print(f"held-out NLL on {len(x_test)} fresh points: {nll:.4f} nats")
+    print(f"{args.flow}: held-out NLL on {len(x_test)} fresh points: {nll:.4f} nats")
     print(f"exact lower bound (entropy of the moons): {bound:.4f} nats   gap: {nll - bound:.4f} nats")
 
-    transport_figure(model, x, z, "after training", args.output_dir / "after_training.png")
+    transport_figure(model, x, z, f"{args.flow} after training", args.output_dir / "after_training.png")
     loss_figure(history, bound, args.output_dir / "loss.png")
     density_figure(model, args.output_dir / "density.png")
     print(f"figures written to {args.output_dir}/")
