@@ -43,12 +43,13 @@ SCHOOLS_SIGMA = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], np.flo
 
 # ---------------------------------------------------------------------------------------------------- models
 def eight_schools_noncentred():
+    # TFP's own eight-schools example: mu ~ N(0, 10), log_tau ~ N(5, 1), standardized school effects.
     @tfd.JointDistributionCoroutineAutoBatched
     def model():
-        mu = yield tfd.Normal(0.0, 5.0, name="mu")
-        tau = yield tfd.HalfCauchy(0.0, 5.0, name="tau")
+        mu = yield tfd.Normal(0.0, 10.0, name="mu")
+        log_tau = yield tfd.Normal(5.0, 1.0, name="log_tau")
         theta_std = yield tfd.Normal(tf.zeros(8), 1.0, name="theta_std")
-        yield tfd.Normal(mu + tau * theta_std, SCHOOLS_SIGMA, name="y")
+        yield tfd.Normal(mu + tf.exp(log_tau) * theta_std, SCHOOLS_SIGMA, name="y")
     return model.experimental_pin(y=SCHOOLS_Y)
 
 
@@ -72,11 +73,13 @@ def funnel():
 
 def schools_summary(draws):
     """Means and sds of mu, tau, theta (theta rebuilt for the non-centred model) from draws [..] flattened."""
-    mu, tau = np.ravel(draws.mu), np.ravel(draws.tau)
+    tau = np.exp(draws.log_tau) if hasattr(draws, "log_tau") else draws.tau
+    mu = np.ravel(draws.mu)
     if hasattr(draws, "theta_std"):
-        theta = (draws.mu[..., None] + draws.tau[..., None] * draws.theta_std).numpy().reshape(-1, 8)
+        theta = (draws.mu[..., None] + np.asarray(tau)[..., None] * draws.theta_std).numpy().reshape(-1, 8)
     else:
         theta = draws.theta.numpy().reshape(-1, 8)
+    tau = np.ravel(tau)
     return {"mu": [float(mu.mean()), float(mu.std())], "tau": [float(tau.mean()), float(tau.std())],
             "theta": [[float(m), float(s)] for m, s in zip(theta.mean(0), theta.std(0))]}
 
