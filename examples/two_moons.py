@@ -46,8 +46,8 @@ BATCH_SIZE = 300
 RECIPES = {
     "real_nvp": dict(builder=tfp_nvp.real_nvp, learning_rate=5e-3, epochs=170, jit_compile=True,
                      flow=dict(num_coupling_layers=16, hidden_units=(64, 64), log_scale_bound="tanh")),
-    "spline": dict(builder=tfp_nvp.spline_flow, learning_rate=5e-3, epochs=170, jit_compile=True,
-                   flow=dict(num_coupling_layers=6, hidden_units=(64, 64), num_bins=8)),
+    "spline": dict(builder=tfp_nvp.spline_flow, learning_rate=5e-3, epochs=130, jit_compile=True,
+                   flow=dict(num_coupling_layers=8, hidden_units=(64, 64), num_bins=8)),
     # XLA cannot compile the ODE solver's loop; each step solves the ODE and its adjoint.
     "ffjord": dict(builder=tfp_nvp.ffjord, learning_rate=5e-3, epochs=60, jit_compile=False,
                    flow=dict(hidden_units=(64, 64), atol=1e-4, rtol=1e-4)),
@@ -61,14 +61,15 @@ def build_model(seed: int, flow: str = "real_nvp") -> tfp_nvp.FlowModel:
 
 def train(model, x, epochs: int, flow: str = "real_nvp", verbose="auto"):
     recipe = RECIPES[flow]
-    steps = epochs * int(np.ceil(len(x) * (1 - VALIDATION_SPLIT) / BATCH_SIZE))
+    batch_size = recipe.get("batch_size", BATCH_SIZE)
+    steps = epochs * int(np.ceil(len(x) * (1 - VALIDATION_SPLIT) / batch_size))
     # Cosine decay to 1% of the start: big steps find the moons, small ones settle the thin arcs.
     schedule = keras.optimizers.schedules.CosineDecay(recipe["learning_rate"], decay_steps=steps, alpha=0.01)
     model.compile(optimizer=keras.optimizers.Adam(schedule), jit_compile=recipe["jit_compile"])
     stop = keras.callbacks.EarlyStopping("val_nll", patience=max(10, epochs // 2),
                                          restore_best_weights=True)
     start = time.perf_counter()
-    history = model.fit(x, batch_size=BATCH_SIZE, epochs=epochs, validation_split=VALIDATION_SPLIT,
+    history = model.fit(x, batch_size=batch_size, epochs=epochs, validation_split=VALIDATION_SPLIT,
                         callbacks=[stop], verbose=verbose)
     return history, time.perf_counter() - start
 
