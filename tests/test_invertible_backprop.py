@@ -147,18 +147,18 @@ def _fit(build, x, strategy=None):
 
 def test_several_replicas_are_refused_with_a_clear_error():
     """Under MirroredStrategy (the two logical CPUs of tests/conftest.py) the replicas' collectives fell out of
-    step now and then; the chain refuses several replicas instead of failing at random."""
+    step now and then, and an aborted collective poisons the process; the chain refuses several replicas before
+    any collective runs (here in the strategy's scope, where the density pass reads the replica count)."""
     cpus = tf.config.list_logical_devices("CPU")
     assert len(cpus) >= 2, "tests/conftest.py should have split the CPU into two logical devices"
     mirrored = tf.distribute.MirroredStrategy([cpus[0].name, cpus[1].name])
     _, kwargs, _ = FLOWS["glow_lu"]
-    x = _data("glow", (32, 4, 4, 2), np.float32, seed=3).numpy()
-    with pytest.raises(NotImplementedError, match="invertible_backprop=False"):
-        _fit(lambda: tfp_nvp.glow(invertible_backprop=True, **kwargs), x, mirrored)
-    # The same flow with the standard chain trains under the same strategy.
-    model, history, start = _fit(lambda: tfp_nvp.glow(invertible_backprop=False, **kwargs), x, mirrored)
-    assert np.isfinite(history["loss"]).all()
-    assert any(not np.array_equal(np.asarray(w), s) for w, s in zip(model.weights, start))
+    x = _data("glow", (8, 4, 4, 2), np.float32, seed=3)
+    with mirrored.scope():
+        flow = tfp_nvp.glow(invertible_backprop=True, **kwargs)
+        with pytest.raises(NotImplementedError, match="invertible_backprop=False"):
+            flow.log_prob(x)
+    assert np.all(np.isfinite(flow.log_prob(x).numpy()))  # outside the strategy it works
 
 
 def test_keras_file_round_trip_and_helpers(tmp_path):
