@@ -3,13 +3,22 @@
 Every configuration trains in its own subprocess (a fresh interpreter, so one run's allocations cannot raise
 another's peak) on random 32x32x3 images in [0, 1): build the flow, initialise ActNorm on one batch, trace
 the training step (a `tf.function`: gradient of the mean negative log-likelihood, plain SGD update), then run
-it `--train-steps` + 1 times. The main figure is the process's peak resident set size
-(`resource.getrusage(RUSAGE_SELF).ru_maxrss`); next to it the resident size after tracing, and the peak of the
-later runs alone (the kernel's VmHWM, reset after the first run, which also optimises the graph). TF's CPU
-allocator keeps freed buffers, so that steady-state peak mostly repeats the first run's; the process peak is
-the figure to compare. The depth is `num_steps_per_level` at 1x, 2x and 4x a base depth, three levels each
-(batch 128, 64 hidden channels by default). Time per step is the median of the runs after the first; on a
-shared machine only the memory figures are reliable.
+it `--train-steps` + 1 times. The depth is `num_steps_per_level` at 1x, 2x and 4x a base depth, three levels
+each (batch 128, 64 hidden channels by default).
+
+Two memory figures per configuration:
+- **tensor peak of a step**: the most memory TensorFlow's CPU allocator held for tensors during one training
+  step, above what it held before the step (`tf.config.experimental.get_memory_info`, after
+  `reset_memory_stats`, on a step after the first). This is the activation memory the backward pass keeps,
+  plus the gradients; the workers turn on TF's BFC allocator for the CPU (`TF_CPU_ALLOCATOR_USE_BFC=true`),
+  the one that keeps these statistics.
+- **process peak RSS** (`resource.getrusage(RUSAGE_SELF).ru_maxrss`): everything the process ever held, the
+  TensorFlow runtime (~0.75 GB here before any model) and the executable graph included. Invertible backprop's
+  graph is about three times larger (every step appears in the density pass, its rebuild and its
+  recomputation), and instantiating and optimising a graph costs memory that grows with its size, so this
+  figure grows with depth even where the tensor peak does not.
+Time per step is the median of the runs after the first; on a shared machine only the memory figures are
+reliable.
 
 A second table measures the float32 error invertible backprop adds: on a smaller GLOW with random non-identity
 weights, the reconstruction error of `forward(inverse(x))` and the gradient difference between invertible and
@@ -49,24 +58,6 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KB
 
 
-def _reset_high_water_mark() -> bool:
-    """Restarts the kernel's peak-RSS counter (VmHWM), so a later peak covers only what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _high_water_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(config: dict) -> dict:
     """One configuration, in this process: returns peak RSS and time per step."""
     import numpy as np
@@ -100,32 +91,36 @@ def worker(config: dict) -> dict:
         return loss
 
     # Tracing grows the process by an amount that scales with the graph (larger for invertible backprop, which
-    # traces every step three times): measured separately, so the peak above it is what running the step adds.
+    # traces every step three times): recorded separately from what running the step adds.
     untraced = _rss_mb()
     step.get_concrete_function(x)
     before = _rss_mb()
-    losses, times = [], []
-    steady = steady_peak = float("nan")
+    losses, times, tensor_peaks = [], [], []
+    after_first = float("nan")
     for index in range(config["train_steps"] + 1):
-        if index == 1:
-            # The first run also optimises the graph (Grappler), a one-off cost that grows with the graph; the
-            # steady-state peak of a training step is measured over the later runs only.
-            steady = _rss_mb()
-            if not _reset_high_water_mark():
-                steady = float("nan")
+        if index >= 1:
+            # The first run also instantiates and optimises the graph (Grappler); the tensor peak is measured
+            # on the later runs only.
+            tf.config.experimental.reset_memory_stats("CPU:0")
+            held = tf.config.experimental.get_memory_info("CPU:0")["current"]
+            if index == 1:
+                after_first = _rss_mb()
         start = time.perf_counter()
         losses.append(float(step(x)))
         times.append(time.perf_counter() - start)
-    if steady == steady:
-        steady_peak = _high_water_mb()
-    return {**config, "rss_untraced_mb": untraced, "rss_before_mb": before, "peak_rss_mb": _peak_mb(),
-            "rss_after_first_step_mb": steady, "steady_peak_rss_mb": steady_peak,
+        if index >= 1:
+            tensor_peaks.append((tf.config.experimental.get_memory_info("CPU:0")["peak"] - held) / 2**20)
+    return {**config, "rss_untraced_mb": untraced, "rss_before_mb": before, "rss_after_first_step_mb": after_first,
+            "peak_rss_mb": _peak_mb(), "tensor_peak_mb": max(tensor_peaks),
             "s_per_step": statistics.median(times[1:]),
             "final_loss": losses[-1], "num_variables": sum(int(np.prod(v.shape)) for v in variables)}
 
 
 def run_isolated(config: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True)
+    # TF keeps allocator statistics on the CPU only with its BFC allocator; the variable is read at start-up.
+    env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true"}
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True,
+                         env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         tail = "\n".join(out.stderr.strip().splitlines()[-3:])
@@ -219,8 +214,8 @@ def main():
 
     print(f"\nGLOW {shape}, {results[0]['levels']} levels, hidden {hidden}, batch {batch}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
-    print("| variant | steps/level | process peak RSS MB | peak vs 1x | RSS after tracing MB | "
-          "steady step peak MB | steady step adds MB | adds vs 1x | s/step |")
+    print("| variant | steps/level | tensor peak of a step MB | vs 1x | process peak RSS MB | vs 1x | "
+          "RSS after tracing MB | RSS after first step MB | s/step |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for variant in args.variants:
         rows = [r for r in results if r["variant"] == variant]
@@ -229,11 +224,11 @@ def main():
             if "error" in r:
                 print(f"| {variant} | {r['steps']} | failed: {r['error'].splitlines()[-1][:120]} | | | | | | |")
                 continue
-            adds = r["steady_peak_rss_mb"] - r["rss_after_first_step_mb"]
-            ratio = r["peak_rss_mb"] / base["peak_rss_mb"] if base else float("nan")
-            base_adds = base["steady_peak_rss_mb"] - base["rss_after_first_step_mb"] if base else float("nan")
-            print(f"| {variant} | {r['steps']} | {r['peak_rss_mb']:.0f} | {ratio:.2f} | {r['rss_before_mb']:.0f} | "
-                  f"{r['steady_peak_rss_mb']:.0f} | {adds:.0f} | {adds / base_adds:.2f} | {r['s_per_step']:.2f} |")
+            tensor_ratio = r["tensor_peak_mb"] / base["tensor_peak_mb"] if base else float("nan")
+            rss_ratio = r["peak_rss_mb"] / base["peak_rss_mb"] if base else float("nan")
+            print(f"| {variant} | {r['steps']} | {r['tensor_peak_mb']:.0f} | {tensor_ratio:.2f} | "
+                  f"{r['peak_rss_mb']:.0f} | {rss_ratio:.2f} | {r['rss_before_mb']:.0f} | "
+                  f"{r['rss_after_first_step_mb']:.0f} | {r['s_per_step']:.2f} |")
 
     recon = []
     if not args.no_reconstruction:
