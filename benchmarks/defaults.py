@@ -10,6 +10,7 @@ first step, which pays for tracing and XLA compilation), wall seconds.
     python benchmarks/defaults.py                               # every recipe, seeds 0 1 2, 3 processes at a time
     python benchmarks/defaults.py --recipes package quickstart --seeds 0 1 2 3
     python benchmarks/defaults.py --list
+    python benchmarks/defaults.py --quick --out /tmp/runs.jsonl --json /tmp/defaults.json   # smoke run
 
 Results are appended as JSON lines to --out (default benchmarks/defaults_results.jsonl) and summarised as a
 markdown table (mean +/- sd over seeds).
@@ -22,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 # A recipe: the flow (`couplings` x `hidden`), Adam's peak rate `lr` with `schedule` ("const", or "cosine":
@@ -149,6 +151,24 @@ def run_quickstart(x, seed, extra_callbacks=()):
     return model, history
 
 
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """The numbers of `summarise`'s table, one dict per recipe."""
+    import numpy as np
+
+    out = []
+    for name in dict.fromkeys(r["recipe"] for r in rows):
+        rs = [r for r in rows if r["recipe"] == name]
+        nll = np.array([r["nll"] for r in rs])
+        mean = lambda key: float(np.mean([r[key] for r in rs]))  # noqa: E731
+        out.append(dict(recipe=name, seeds=len(rs), nll_mean=float(nll.mean()),
+                         nll_sd=float(nll.std(ddof=1)) if len(rs) > 1 else 0.0, nll_worst=float(nll.max()),
+                         steps=mean("steps"), epochs=mean("epochs"), cpu_seconds=mean("cpu"),
+                         cpu_seconds_after_first_step=mean("cpu_after_first"),
+                         steps_per_cpu_second=float(np.mean([(r["steps"] - 1) / r["cpu_after_first"] for r in rs])),
+                         wall_seconds=mean("wall")))
+    return out
+
+
 def summarise(rows: list[dict]) -> str:
     import numpy as np
 
@@ -173,9 +193,15 @@ def main():
     parser.add_argument("--recipes", nargs="+", default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=3, help="processes at a time")
-    parser.add_argument("--out", default="benchmarks/defaults_results.jsonl")
+    parser.add_argument("--out", default=None,
+                        help="JSON lines file the runs are appended to (default benchmarks/defaults_results.jsonl; "
+                             "with --quick a fresh file in the temporary folder)")
     parser.add_argument("--summary", action="store_true", help="only print the table of --out")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: recipe package-e40, seed 0, one process")
+    parser.add_argument("--json", default=None,
+                        help="also write the summary table and the rows it summarises to this JSON file")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -186,6 +212,13 @@ def main():
     if args.run:
         print(json.dumps(run_one(args.run, args.seed)), flush=True)
         return
+    if args.quick:
+        args.recipes, args.seeds, args.jobs = args.recipes or ["package-e40"], [0], 1
+        if args.out is None:
+            # A smoke run must not land in the real results file.
+            args.out = os.path.join(tempfile.gettempdir(), "defaults_quick.jsonl")
+            open(args.out, "w").close()
+    args.out = args.out or "benchmarks/defaults_results.jsonl"
     if not args.summary:
         names = args.recipes or list(RECIPES)
         unknown = [n for n in names if n not in RECIPES]
@@ -217,7 +250,13 @@ def main():
                       f"{r['wall']:.1f} s wall", flush=True)
     with open(args.out) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    print()
     print(summarise(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(benchmark="defaults", date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), runs_file=args.out,
+                           summary=summary_rows(rows), rows=rows), f, indent=1)
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

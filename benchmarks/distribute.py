@@ -14,6 +14,7 @@ summation-order noise into differences of order the learning rate (try `--optimi
 
     python benchmarks/distribute.py                 # 1-2 minutes on 2 cores
     python benchmarks/distribute.py --steps 200 --global-batch 512
+    python benchmarks/distribute.py --quick         # smoke run (10 steps)
 """
 
 from __future__ import annotations
@@ -86,7 +87,11 @@ def main():
     parser.add_argument("--optimizer", choices=job.OPTIMIZERS, default="sgd")
     parser.add_argument("--learning-rate", type=float, default=1e-2)
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the two workers")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 10 steps")
+    parser.add_argument("--json", default=None, help="also write the table's numbers to this JSON file")
     args = parser.parse_args()
+    if args.quick:
+        args.steps = 10
 
     # Must precede any TF op: the device list is fixed on first use.
     tf.config.set_logical_device_configuration(
@@ -117,7 +122,24 @@ def main():
     for index, (weights, loss, rate) in enumerate(workers):
         print(f"| MultiWorkerMirroredStrategy, worker {index} | 2 | 2 | {rate:.1f} | {loss:.6f} "
               f"| {max_difference(weights, single):.2e} |")
-    print(f"\nworker 0 vs worker 1: max abs weight diff {max_difference(workers[0][0], workers[1][0]):.2e}")
+    between = max_difference(workers[0][0], workers[1][0])
+    print(f"\nworker 0 vs worker 1: max abs weight diff {between:.2e}")
+    if args.json:
+        rows = [dict(run="single device", replicas=1, processes=1, steps_per_second=single_rate,
+                     epoch_loss=single_loss, max_abs_weight_diff=0.0),
+                dict(run="MirroredStrategy, 2 logical CPUs", replicas=2, processes=1,
+                     steps_per_second=mirrored_rate, epoch_loss=mirrored_loss,
+                     max_abs_weight_diff=max_difference(mirrored, single))]
+        rows += [dict(run=f"MultiWorkerMirroredStrategy, worker {index}", replicas=2, processes=2,
+                      steps_per_second=rate, epoch_loss=loss, max_abs_weight_diff=max_difference(weights, single))
+                 for index, (weights, loss, rate) in enumerate(workers)]
+        config = {k: v for k, v in vars(args).items() if k != "json"}
+        with open(args.json, "w") as f:
+            json.dump(dict(benchmark="distribute", date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), config=config,
+                           tensorflow=tf.__version__, cpus=os.cpu_count(),
+                           load_average_before_after=[load_before, os.getloadavg()[0]], seconds=elapsed,
+                           rows=rows, workers_max_abs_weight_diff=between), f, indent=1, default=float)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

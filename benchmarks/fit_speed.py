@@ -13,6 +13,7 @@ interleaved rounds; the best round is reported, since on a shared machine noise 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -96,6 +97,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-jit-rows", action="store_true", help="skip the rows without XLA")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, one short round")
+    p.add_argument("--json", default=None, help="also write the table's numbers to this JSON file")
     args = p.parse_args()
     if args.quick:
         args.couplings, args.width, args.steps_per_epoch, args.epochs, args.rounds = 2, 16, 4, 1, 1
@@ -134,9 +136,20 @@ def main():
     print()
     print("| training path | steps/s | vs hand-written (same XLA setting) | first epoch (trace + compile) s |")
     print("|---|---:|---:|---:|")
+    rows = []
     for name, _ in variants:
         ref = best[f"hand-written tf.function step ({'no XLA' if 'no XLA' in name else 'XLA'})"]
         print(f"| {name} | {best[name]:.1f} | {best[name] / ref:.2f} | {warmups[name]:.1f} |")
+        rows.append(dict(path=name, steps_per_second=best[name], vs_hand_written=best[name] / ref,
+                         first_epoch_seconds=warmups[name]))
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if k != "json"}
+        with open(args.json, "w") as f:
+            json.dump(dict(benchmark="fit_speed", date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), config=config,
+                           cpus=os.cpu_count(), machine=platform.processor() or platform.machine(),
+                           tensorflow=tf.__version__, keras=keras.__version__, load_average=os.getloadavg(),
+                           rows=rows), f, indent=1)
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

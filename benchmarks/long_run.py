@@ -24,6 +24,7 @@ latent -> data) at growing input norms:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -193,6 +194,7 @@ def main():
     parser.add_argument("--only", choices=("moons", "digits"), help="run one model only")
     parser.add_argument("--clipnorm", type=float, default=None, help="Adam's clipnorm (default: no clipping)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the tables' numbers to this JSON file")
     args = parser.parse_args()
     steps = 300 if args.quick else args.steps
     if steps <= 0:
@@ -207,6 +209,34 @@ def main():
     print(f"\nTF {tf.__version__}, Keras {keras.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, Adam 1e-3 constant, XLA\n")
     print(table(results, args.clipnorm))
+    if args.json:
+        write_json(args, results)
+
+
+def write_json(args, results: dict):
+    """The tables' numbers; each round trip as its median and max, like the table."""
+    def number(value):
+        # Digits scores are (mean over finite images, images not finite, images).
+        if isinstance(value, tuple):
+            return dict(mean=value[0], not_finite=value[1], total=value[2])
+        return value
+
+    models = {}
+    for name, r in results.items():
+        models[name] = dict(
+            steps=r["steps"], seconds=r["seconds"], steps_per_second_after_epoch_1=r["steady"],
+            first_non_finite_step=r["bad_step"], finite_history=r["finite_history"],
+            finite_weights=r["finite_weights"], train=number(r["train"]), validation=number(r["validation"]),
+            test=number(r["test"]), unit=r["unit"],
+            round_trip={label: dict(median=float(np.median(err)), max=float(np.max(err)))
+                        for label, err in r["round_trip"].items()})
+    config = {k: v for k, v in vars(args).items() if k != "json"}
+    with open(args.json, "w") as f:
+        # Infinite round-trip errors become the JSON extension Infinity, which Python's json reads back.
+        json.dump(dict(benchmark="long_run", date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), config=config,
+                       tensorflow=tf.__version__, keras=keras.__version__, cpus=os.cpu_count(),
+                       load_average=os.getloadavg(), models=models), f, indent=1)
+    print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

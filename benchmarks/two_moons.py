@@ -18,12 +18,20 @@ fresh moons: held-out NLL in nats per point, its gap to the exact entropy bound 
 (c) "ours", "spline", "ffjord": examples/two_moons.py's recipes for `--flow real_nvp / spline / ffjord`
     (FlowModel.fit, validation split, early stopping, cosine decay; XLA except for FFJORD), each run for
     `--seeds` seeds; the table gives the median NLL over seeds with min and max, and the median time.
+
+Learning curves for (c): at every epoch end a callback scores the held-out NLL of a fixed subsample of
+`--curve-points` test points (default 5000) and stamps it with the training seconds so far; the time spent
+scoring is taken off the clock, so a curve shows what training alone bought. A second table compares the
+flows at equal wall time: each one's curve point at the last evaluation at or before a common budget (default:
+the shortest of the recipes' median training times; `--budget-seconds` sets it). `--json PATH` writes both
+tables and every curve.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import platform
 import time
@@ -176,19 +184,87 @@ def load_example():
     return example
 
 
-def run_ours(x, x_test, epochs, seed, flow="real_nvp"):
+class LearningCurve(keras.callbacks.Callback):
+    """Held-out NLL of `x_eval` against training seconds, recorded before training and at every epoch end.
+
+    The clock starts when the callback is made (just before training) and stops while it scores, so the
+    seconds it reports are training's alone (Keras' own validation pass included, as it is part of the recipe).
+    """
+
+    def __init__(self, x_eval):
+        super().__init__()
+        self.x_eval = tf.constant(x_eval)
+        self.seconds, self.nll, self.epochs = [], [], []
+        self._scored = None
+        self._paused = 0.0
+        self._start = time.perf_counter()
+
+    def _record(self, epoch):
+        pause = time.perf_counter()
+        if self._scored is None:
+            # One graph for the scoring: the eager path of a deep flow or an ODE solve would dominate the pauses.
+            self._scored = tf.function(lambda x: -tf.reduce_mean(self.model.log_prob(x)))
+        self.nll.append(float(self._scored(self.x_eval)))
+        self.seconds.append(pause - self._start - self._paused)
+        self.epochs.append(epoch)
+        self._paused += time.perf_counter() - pause
+
+    def on_train_begin(self, logs=None):
+        self._record(0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._record(epoch + 1)
+
+    @property
+    def training_seconds(self):
+        return time.perf_counter() - self._start - self._paused
+
+
+def run_ours(x, x_test, epochs, seed, flow="real_nvp", x_curve=None):
     example = load_example()
     keras.utils.set_random_seed(seed)
     model = example.build_model(seed, flow)
-    _, seconds = example.train(model, x, epochs or example.RECIPES[flow]["epochs"], flow, verbose=0)
-    return seconds, float(-np.mean(model.log_prob(x_test)))
+    curve = LearningCurve(x_test[:5000] if x_curve is None else x_curve)
+    example.train(model, x, epochs or example.RECIPES[flow]["epochs"], flow, verbose=0, callbacks=[curve])
+    seconds = curve.training_seconds  # train() returns wall time with the scoring pauses in it
+    nll = float(-np.mean(model.log_prob(x_test)))
+    return seconds, nll, dict(seed=seed, flow=flow, seconds=curve.seconds, nll=curve.nll, epochs=curve.epochs,
+                              final_nll=nll, train_seconds=seconds)
 
 
-def run_seeds(x, x_test, epochs, seeds, flow):
-    """Median time and NLL over `seeds` runs (the data stay those of `--seed`), plus the NLL range."""
-    results = [run_ours(x, x_test, epochs, seed, flow) for seed in seeds]
+def run_seeds(x, x_test, epochs, seeds, flow, x_curve=None, curves=None):
+    """Median time and NLL over `seeds` runs (the data stay those of `--seed`), plus the NLL range.
+
+    Each run's learning curve is appended to `curves` when given.
+    """
+    results = [run_ours(x, x_test, epochs, seed, flow, x_curve) for seed in seeds]
+    if curves is not None:
+        curves.extend(r[2] for r in results)
     seconds, nlls = np.median([r[0] for r in results]), [r[1] for r in results]
     return float(seconds), float(np.median(nlls)), min(nlls), max(nlls)
+
+
+def nll_at(curve: dict, budget: float):
+    """(NLL, seconds, epoch) of the curve's last evaluation at or before `budget` seconds, or None."""
+    points = [(n, s, e) for s, n, e in zip(curve["seconds"], curve["nll"], curve["epochs"]) if s <= budget]
+    return points[-1] if points else None
+
+
+def equal_time(curves: dict[str, list[dict]], budget: float | None):
+    """Per recipe: median over seeds of the curve NLL at the budget (default: the shortest median run)."""
+    if not curves:
+        return None
+    if budget is None:
+        budget = min(float(np.median([c["train_seconds"] for c in cs])) for cs in curves.values())
+    rows = []
+    for key, cs in curves.items():
+        hits = [nll_at(c, budget) for c in cs]
+        hits = [h for h in hits if h is not None]
+        rows.append(dict(key=key, flow=cs[0]["flow"], seeds=len(cs), seeds_scored=len(hits),
+                         nll=float(np.median([h[0] for h in hits])) if hits else None,
+                         seconds=float(np.median([h[1] for h in hits])) if hits else None,
+                         epoch=int(np.median([h[2] for h in hits])) if hits else None))
+    return dict(budget_seconds=budget, rows=rows)
 
 
 def main():
@@ -201,7 +277,16 @@ def main():
     p.add_argument("--only", nargs="*", choices=["book", "tfp", "ours", "spline", "ffjord"],
                    default=["book", "tfp", "ours", "spline", "ffjord"])
     p.add_argument("--quick", action="store_true", help="smoke run: 3 epochs each, one seed")
+    p.add_argument("--curve-points", type=int, default=5000,
+                   help="test points scored at each epoch end for the learning curves")
+    p.add_argument("--budget-seconds", type=float, default=None,
+                   help="training budget of the equal-wall-time table (default: the shortest recipe's time)")
+    p.add_argument("--json", default=None, help="also write the tables and learning curves to this JSON file")
     args = p.parse_args()
+    if args.curve_points <= 0:
+        p.error(f"--curve-points must be a positive number of test points; got {args.curve_points}")
+    if args.budget_seconds is not None and args.budget_seconds <= 0:
+        p.error(f"--budget-seconds must be positive; got {args.budget_seconds}")
     if args.quick:
         args.epochs_book = args.epochs_tfp = args.epochs_ours = 3
         args.seeds = 1
@@ -210,7 +295,10 @@ def main():
 
     x = two_moons(3000, seed=args.seed)
     x_test = two_moons(20_000, seed=args.seed + 10_000)
+    x_curve = x_test[:args.curve_points]
     bound = moons_entropy()
+    load_start = os.getloadavg()
+    curves: dict[str, list[dict]] = {}
     runs = {
         "book": (f"book Keras RealNVP (6x separate 4x256, Adam 1e-4, batch 256, {args.epochs_book} epochs)",
                  lambda: run_book(x, x_test, args.epochs_book, args.seed)),
@@ -220,7 +308,8 @@ def main():
     for key, flow in (("ours", "real_nvp"), ("spline", "spline"), ("ffjord", "ffjord")):
         epochs = args.epochs_ours or recipes[flow]["epochs"]
         runs[key] = (f"tfp_nvp `--flow {flow}` (max {epochs} epochs, early stopping; median of {len(seeds)} seeds)",
-                     lambda flow=flow, epochs=epochs: run_seeds(x, x_test, epochs, seeds, flow))
+                     lambda key=key, flow=flow, epochs=epochs: run_seeds(
+                         x, x_test, epochs, seeds, flow, x_curve, curves.setdefault(key, [])))
     results = {}
     for key in args.only:
         label, fn = runs[key]
@@ -228,20 +317,55 @@ def main():
         results[key] = fn()
         print(f"  {results[key][0]:.1f} s, held-out NLL {results[key][1]:.4f}", flush=True)  # medians
 
+    load_end = os.getloadavg()
     print()
     print(f"{time.strftime('%Y-%m-%d')}; {os.cpu_count()} CPUs ({platform.machine()}), TF {tf.__version__}, "
           f"Keras {keras.__version__}, TFP {tfp.__version__}. Held-out: 20000 fresh moons; "
-          f"entropy bound {bound:.4f} nats.")
+          f"entropy bound {bound:.4f} nats. 1-min load average {load_start[0]:.1f} at start, "
+          f"{load_end[0]:.1f} at end.")
     print()
     print("| model | train s | held-out NLL | seeds' range | gap to bound | time / book | gap / book |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     ref = results.get("book")
+    rows = []
     for key, (seconds, nll, *spread) in results.items():
         gap = nll - bound
         t_ratio = f"{seconds / ref[0]:.2f}" if ref else "-"
         g_ratio = f"{gap / (ref[1] - bound):.2f}" if ref else "-"
         span = f"{spread[0]:.4f}-{spread[1]:.4f}" if spread else "-"
         print(f"| {runs[key][0]} | {seconds:.1f} | {nll:.4f} | {span} | {gap:.4f} | {t_ratio} | {g_ratio} |")
+        rows.append(dict(key=key, model=runs[key][0], train_seconds=seconds, nll=nll,
+                         nll_min=spread[0] if spread else None, nll_max=spread[1] if spread else None,
+                         gap=gap, time_ratio=seconds / ref[0] if ref else None,
+                         gap_ratio=gap / (ref[1] - bound) if ref else None))
+
+    same_time = equal_time(curves, args.budget_seconds)
+    if same_time:
+        budget = same_time["budget_seconds"]
+        print()
+        print(f"Equal wall time: held-out NLL ({len(x_curve)} test points) at the last epoch end within "
+              f"{budget:.1f} s of training (evaluation time excluded; median over seeds).")
+        print()
+        print("| flow | NLL at budget | gap to bound | at s | epoch |")
+        print("|---|---:|---:|---:|---:|")
+        for r in same_time["rows"]:
+            if r["nll"] is None:
+                print(f"| {r['flow']} | no epoch ended within the budget | | | |")
+            else:
+                print(f"| {r['flow']} | {r['nll']:.4f} | {r['nll'] - bound:.4f} | {r['seconds']:.1f} "
+                      f"| {r['epoch']} |")
+
+    if args.json:
+        out = dict(
+            benchmark="two_moons", date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), cpus=os.cpu_count(),
+            machine=platform.machine(), tensorflow=tf.__version__, keras=keras.__version__, tfp=tfp.__version__,
+            load_average_start=load_start, load_average_end=load_end, bound=bound, test_points=len(x_test),
+            curve_points=len(x_curve), seeds=seeds, quick=args.quick, rows=rows, curves=curves,
+            equal_time=same_time)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

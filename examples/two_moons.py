@@ -59,7 +59,7 @@ def build_model(seed: int, flow: str = "real_nvp") -> tfp_nvp.FlowModel:
     return tfp_nvp.FlowModel(recipe["builder"]([2], seed=seed, **recipe["flow"]))
 
 
-def train(model, x, epochs: int, flow: str = "real_nvp", verbose="auto"):
+def train(model, x, epochs: int, flow: str = "real_nvp", verbose="auto", callbacks=()):
     recipe = RECIPES[flow]
     batch_size = recipe.get("batch_size", BATCH_SIZE)
     steps = epochs * int(np.ceil(len(x) * (1 - VALIDATION_SPLIT) / batch_size))
@@ -70,7 +70,7 @@ def train(model, x, epochs: int, flow: str = "real_nvp", verbose="auto"):
                                          restore_best_weights=True)
     start = time.perf_counter()
     history = model.fit(x, batch_size=batch_size, epochs=epochs, validation_split=VALIDATION_SPLIT,
-                        callbacks=[stop], verbose=verbose)
+                        callbacks=[stop, *callbacks], verbose=verbose)
     return history, time.perf_counter() - start
 
 
