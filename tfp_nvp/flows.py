@@ -159,8 +159,8 @@ def real_nvp(
     of the wrong event shape or dtype (cast float64 data to a float32 flow yourself); `validate_args=True` makes
     it and every bijector also raise `InvalidArgumentError` for non-finite data (at some cost per call).
     `invertible_backprop=True` chains the couplings with `tfp_nvp.InvertibleChain`: training gradients are
-    recomputed by inverting the flow step by step instead of from stored activations (about one extra forward
-    pass of compute; gradients equal up to float32 reconstruction error; see its docstring on memory).
+    recomputed by inverting the flow step by step instead of from stored activations, so activation memory stays
+    flat in depth (about two extra passes of compute; gradients equal up to float32 reconstruction error).
 
     Example:
       >>> flow = real_nvp([2], num_coupling_layers=6, hidden_units=(64, 64))
@@ -284,9 +284,9 @@ def glow(
     nearly all of them). `log_scale_bound` then has no effect.
 
     `invertible_backprop=True` builds every level (and the whole flow) as a `tfp_nvp.InvertibleChain`: the
-    training gradient rebuilds each step's input by inverting the flow instead of storing activations (about
-    one extra forward pass of compute; gradients equal up to float32 reconstruction error). Measured memory:
-    see benchmarks/memory.py; under `tf.function` the peak still grew with depth in this version.
+    training gradient rebuilds each step's input by inverting the flow instead of storing activations, so the
+    activation memory of a training step stays flat in depth (about two extra passes of compute; gradients
+    equal up to float32 reconstruction error; measured in benchmarks/memory.py).
 
     Example:
       >>> flow = glow([8, 8, 1], num_levels=2, num_steps_per_level=2, hidden_channels=32)

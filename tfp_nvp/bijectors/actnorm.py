@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -10,6 +12,25 @@ import tensorflow as tf
 from tfp_nvp.bijectors._base import KerasParameterizedBijector, ParameterLayer, as_float_dtype, as_shape
 
 __all__ = ["ActNorm"]
+
+# Per thread, because MirroredStrategy runs each replica's code in its own thread.
+_settled = threading.local()
+
+
+@contextlib.contextmanager
+def initialization_settled():
+    """Within this block ActNorm layers only read their parameters: no data-dependent initialisation test.
+
+    For code that re-runs a step whose initialisation has already happened in the same call (invertible
+    backprop's recomputation in the backward pass): it then adds no flag test and, under a distribution
+    strategy, no synchronisation point inside a gradient function.
+    """
+    previous = getattr(_settled, "active", False)
+    _settled.active = True
+    try:
+        yield
+    finally:
+        _settled.active = previous
 
 
 class ActNorm(KerasParameterizedBijector):
@@ -181,7 +202,7 @@ class ActNorm(KerasParameterizedBijector):
 
     def _read_parameters(self, data=None):
         """(log_scale, shift) as tensors, read after the data-dependent initialisation when `data` is given."""
-        if data is None:
+        if data is None or getattr(_settled, "active", False):
             return tf.convert_to_tensor(self._holder.log_scale.value), tf.convert_to_tensor(self._holder.shift.value)
         with tf.control_dependencies([self._initialize_from(data)]):
             # Reads placed after the tf.cond see the assigned values in eager, tf.function and XLA alike.

@@ -11,6 +11,7 @@ from tensorflow.python.eager import record as _record  # the switch TF's own tf.
 from tensorflow_probability import bijectors as tfb
 from tensorflow_probability.python.bijectors.chain import _Chain
 
+from tfp_nvp.bijectors.actnorm import initialization_settled
 from tfp_nvp.bijectors.factor_out import OnChannels
 
 __all__ = ["InvertibleChain"]
@@ -121,16 +122,6 @@ class InvertibleChain(_Chain):
     # ------------------------------------------------------------------------------------------- the pass
     def _density_pass(self, y, event_ndims: int, kwargs: dict):
         """(latent, inverse log-det) of `y`, differentiated by reconstruction instead of stored activations."""
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1:
-            # Measured: under MirroredStrategy the replicas' collective ops (ActNorm's all-reduce inside the
-            # custom gradient, then the gradient all-reduce) fell out of step now and then ("Shape mismatch in
-            # the collective instance"): refused rather than flaky.
-            raise NotImplementedError(
-                f"{self.name}: invertible backprop does not support tf.distribute strategies with several "
-                f"replicas yet ({replicas} here); build the flow with `invertible_backprop=False` to train it "
-                "under a strategy."
-            )
         steps = list(self.bijectors)
         flat = tf.nest.flatten(kwargs)
         # Tensors among the keyword arguments (a conditional input) are inputs of the custom gradient, so the
@@ -187,7 +178,9 @@ class InvertibleChain(_Chain):
                         else:
                             with _record.stop_recording():
                                 step_input = tf.identity(step.forward(output, **kw))
-                    with tf.GradientTape() as tape:
+                    # The density pass above already ran any ActNorm initialisation; re-running its test here
+                    # would put a synchronisation point inside the gradient under a distribution strategy.
+                    with tf.GradientTape() as tape, initialization_settled():
                         tape.watch(step_input)
                         tape.watch(floating)
                         step_output, step_ildj = _step_inverse(step, step_input, e, kw)
