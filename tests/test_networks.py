@@ -26,8 +26,8 @@ def test_dense_network_shapes_and_zero_head(separate_towers):
     # The zero-initialised head makes a fresh coupling the identity.
     np.testing.assert_array_equal(shift, np.zeros((5, 3)))
     np.testing.assert_array_equal(log_scale, np.zeros((5, 3)))
-    n_dense = 2 * 3 if separate_towers else 3
-    assert len(net.trainable_weights) == 2 * n_dense
+    # A kernel and a bias per layer; fused towers keep both towers' layer in one weight.
+    assert len(net.trainable_weights) == 2 * 3
     randomize_layer(net, 1)
     shift, log_scale = net(x)
     assert np.abs(shift.numpy()).max() > 0.01 and np.abs(log_scale.numpy()).max() > 0.01
@@ -87,12 +87,14 @@ def test_config_round_trip(net):
     assert type(restored) is type(net) and restored.get_config() == net.get_config()
 
 
-def test_l2_penalty_reaches_losses():
-    net = DenseNetwork((8,), output_units=2, l2=0.5, seed=0)
+@pytest.mark.parametrize("separate_towers", [False, True])
+def test_l2_penalty_reaches_losses(separate_towers):
+    net = DenseNetwork((8, 8), output_units=2, l2=0.5, seed=0, separate_towers=separate_towers)
     net(tf.zeros([1, 3]))
     randomize_layer(net, 4)
     net(tf.zeros([1, 3]))
     kernels = [w for w in net.weights if "kernel" in w.path]
+    assert len(kernels) == 3
     expected = sum(0.5 * float(tf.reduce_sum(tf.square(k))) for k in kernels)
     np.testing.assert_allclose(float(tf.add_n(net.losses)), expected, rtol=1e-5)
     plain = DenseNetwork((8,), output_units=2)
@@ -148,3 +150,110 @@ def test_unsized_network_cannot_be_built_alone():
         DenseNetwork((8,))(tf.zeros([1, 2]))
     with pytest.raises(ValueError, match="`output_channels`"):
         ConvResNet(hidden_channels=4)(tf.zeros([1, 2, 2, 1]))
+
+
+# ----------------------------------------------------------------------------------- fused separate towers
+def tower_weights(net):
+    """The two towers' (kernel, bias) lists, read out of the stacked weights of a `separate_towers` network."""
+    towers = [[], []]
+    for k, b in zip(net._kernels, net._biases):
+        for t in range(2):
+            towers[t].append((k.numpy()[t], b.numpy()[t, 0]))
+    for t in range(2):
+        if len(net._heads) == 1:
+            towers[t].append((net._heads[0].numpy()[t], net._head_biases[0].numpy()[t, 0]))
+        else:
+            towers[t].append((net._heads[t].numpy(), net._head_biases[t].numpy()))
+    return towers
+
+
+def run_mlp(layers_, x, activation):
+    h = x
+    for i, (k, b) in enumerate(layers_):
+        h = h @ k.astype(np.float64) + b
+        if i < len(layers_) - 1:
+            h = activation(h)
+    return h
+
+
+@pytest.mark.parametrize("output_units", [3, (2, 5)])
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("batched", [True, False])
+def test_fused_towers_equal_two_independent_mlps(output_units, conditional, batched):
+    net = DenseNetwork((16, 8, 8), output_units=output_units, activation="tanh", separate_towers=True, seed=0)
+    if not batched:  # the path large batches take: one tower after the other on the stacked weights
+        net._batched_max = 0
+    x = tf.random.stateless_normal([6, 2], seed=[3, 0])
+    c = tf.random.stateless_normal([6, 3], seed=[3, 1]) if conditional else None
+    net(x, conditional_input=c)
+    randomize_layer(net, 5)
+    shift, log_scale = net(x, conditional_input=c)
+    inputs = x.numpy() if c is None else np.concatenate([x.numpy(), c.numpy()], axis=-1)
+    towers = tower_weights(net)
+    widths = output_units if isinstance(output_units, tuple) else (output_units, output_units)
+    for out, tower, width in zip((shift, log_scale), towers, widths):
+        assert out.shape == (6, width)
+        np.testing.assert_allclose(out, run_mlp(tower, inputs.astype(np.float64), np.tanh), rtol=1e-4, atol=1e-5)
+    # The towers are independent: changing one tower's weights leaves the other output unchanged.
+    net._kernels[1].assign(net._kernels[1] * tf.constant([1.0, 0.5])[:, None, None])
+    new_shift, new_log_scale = net(x, conditional_input=c)
+    np.testing.assert_array_equal(new_shift, shift)
+    assert np.abs(new_log_scale.numpy() - log_scale.numpy()).max() > 1e-3
+    # Batch dimensions of any rank.
+    x3 = tf.reshape(x, [2, 3, 2])
+    c3 = None if c is None else tf.reshape(c, [2, 3, 3])
+    s3, l3 = net(x3, conditional_input=c3)
+    np.testing.assert_allclose(tf.reshape(s3, new_shift.shape), new_shift, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(tf.reshape(l3, new_log_scale.shape), new_log_scale, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_towers_start_from_independently_seeded_towers():
+    """Each tower's kernels are those its own seeded Glorot layer would draw; the heads start at zero."""
+    net = DenseNetwork((16, 8), output_units=2, separate_towers=True, seed=7)
+    net(tf.zeros([1, 3]))
+    towers = tower_weights(net)
+    for t, offset in enumerate((0, 100)):
+        for i, (kernel, bias) in enumerate(towers[t][:-1]):
+            expected = keras.initializers.GlorotUniform(seed=7 + offset + i)(kernel.shape)
+            np.testing.assert_array_equal(kernel, expected)
+            np.testing.assert_array_equal(bias, np.zeros_like(bias))
+        np.testing.assert_array_equal(towers[t][-1][0], np.zeros_like(towers[t][-1][0]))
+    assert np.any(towers[0][1][0] != towers[1][1][0])
+
+
+@pytest.mark.parametrize("output_units", [2, (1, 3)])
+def test_fused_towers_every_weight_gets_a_gradient(output_units):
+    net = DenseNetwork((8, 8), output_units=output_units, separate_towers=True, l2=0.01, seed=0)
+    x = tf.random.stateless_normal([5, 2], seed=[4, 0])
+    net(x)
+    randomize_layer(net, 6)
+    with tf.GradientTape() as tape:
+        shift, log_scale = net(x)
+        loss = tf.reduce_sum(tf.sin(shift)) + tf.reduce_sum(log_scale ** 2) + tf.add_n(net.losses)
+    grads = tape.gradient(loss, net.trainable_weights)
+    assert len(grads) == len(net.trainable_weights) == 6 + (2 if isinstance(output_units, tuple) else 0)
+    for w, g in zip(net.trainable_weights, grads):
+        assert g is not None and np.abs(g.numpy()).max() > 0, w.path
+        # Both towers' slices of a stacked weight learn.
+        if len(w.shape) == 3:
+            assert np.abs(g.numpy()[0]).max() > 0 and np.abs(g.numpy()[1]).max() > 0, w.path
+
+
+def test_fused_towers_keras_file_round_trip(tmp_path):
+    from tfp_nvp import FlowModel, real_nvp
+
+    model = FlowModel(real_nvp([2], num_coupling_layers=2, hidden_units=(8, 8), separate_towers=True, l2=0.01,
+                               seed=0))
+    for layer in model.flow_layers:
+        randomize_layer(layer, 8)
+    x = tf.random.stateless_normal([7, 2], seed=[5, 0])
+    path = tmp_path / "towers.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert [w.path for w in loaded.weights] == [w.path for w in model.weights]
+    for a, b in zip(loaded.weights, model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(loaded.log_prob(x), model.log_prob(x))
+    # Both doors of the reloaded flow see every fused weight.
+    tfp_side = {id(v) for v in loaded.distribution.trainable_variables}
+    assert tfp_side == {id(w.value) for w in loaded.trainable_weights}

@@ -51,6 +51,17 @@ def _pair(widths) -> tuple[int, int]:
     return tuple(widths) if isinstance(widths, tuple) else (widths, widths)
 
 
+class _StackedInitializer:
+    """Draws `[2, *shape]` as two independent draws of `shape`, one per tower (see `DenseNetwork`)."""
+
+    def __init__(self, initializers, shape):
+        self.initializers = [keras.initializers.get(i) for i in initializers]
+        self.shape = tuple(shape)
+
+    def __call__(self, shape, dtype=None):
+        return ops.stack([init(self.shape, dtype=dtype) for init in self.initializers])
+
+
 @keras.saving.register_keras_serializable(package="tfp_nvp")
 class DenseNetwork(keras.layers.Layer):
     """MLP mapping the conditioning half `x_a` to `(shift, log_scale)` for the transformed half.
@@ -61,7 +72,11 @@ class DenseNetwork(keras.layers.Layer):
         the coupling that receives the network set it.
       activation: hidden activation.
       separate_towers: `True` gives the book's layout (independent shift and log-scale MLPs); `False` one
-        shared trunk with a `2 * output_units` head (half the cost for the same width).
+        shared trunk with a `2 * output_units` head (half the cost for the same width). The two towers run as
+        batched matmuls over stacked weights: each layer's kernel is `[2, in, out]` and its bias `[2, 1, out]`
+        (tower 0 = shift), heads of different widths are one weight each. Each tower's slice is initialised
+        and penalised as a tower of its own would be. Large static batches (over 2048) run the towers one
+        after the other on the same weights, which is faster there on CPU.
       l2: L2 weight penalty on every kernel; it reaches `FlowModel`'s loss through `model.losses`.
       seed: seed for the kernel initialisers (reproducible construction).
 
@@ -112,14 +127,50 @@ class DenseNetwork(keras.layers.Layer):
         )
         return tower
 
-    def build(self, input_shape):
+    def _tower_kernel(self, name, shape, layer, zero=False):
+        """One `[2, *shape]` weight holding both towers' kernels of `shape`, each drawn as its own tower would.
+
+        Tower 0's layer `i` is seeded with `seed + i` and tower 1's with `seed + 100 + i` (the offsets two
+        separate stacks of Dense layers would use), and each half is Glorot-scaled by its own `shape`, not by the
+        stacked one: the fused network starts from the weights the two independent towers would have.
+        """
+        if zero:
+            inits = ("zeros", "zeros")
+        else:
+            inits = tuple(_seeded("glorot_uniform", self.seed, offset + layer) for offset in (0, 100))
+        return self.add_weight(name=name, shape=(2, *shape), initializer=_StackedInitializer(inits, shape),
+                               regularizer=self._regularizer)
+
+    def build(self, inputs_shape, conditional_input_shape=None):
         if self.output_units is None:
             raise ValueError("`output_units` is not set: give it, or let AffineCoupling set it.")
         first, second = _pair(self.output_units)
-        if self.separate_towers:
-            self._towers = [self._make_tower(first, 0), self._make_tower(second, 100)]
-        else:
+        if not self.separate_towers:
             self._towers = [self._make_tower(first + second, 0)]
+            self.built = True
+            return
+        # Both towers' layers are stacked on a leading tower axis, so the towers can run as one batched matmul
+        # per layer (see `_run_fused`); each tower's slice is drawn and penalised as its own layer would be.
+        in_units = int(inputs_shape[-1]) + (0 if conditional_input_shape is None else int(conditional_input_shape[-1]))
+        units = self.hidden_units
+        self._kernels, self._biases = [], []
+        for i in range(len(units)):
+            fan_in = in_units if i == 0 else units[i - 1]
+            self._kernels.append(self._tower_kernel(f"tower_kernel_{i}", (fan_in, units[i]), i))
+            self._biases.append(self.add_weight(name=f"tower_bias_{i}", shape=(2, 1, units[i]), initializer="zeros"))
+        # Zero-initialised heads (the coupling starts as the identity); outputs of different widths keep one
+        # head each, equal widths share a batched one.
+        if first == second:
+            self._heads = [self._tower_kernel("head_kernel", (units[-1], first), 0, zero=True)]
+            self._head_biases = [self.add_weight(name="head_bias", shape=(2, 1, first), initializer="zeros")]
+        else:
+            self._heads = [
+                self.add_weight(name=f"head_kernel_{j}", shape=(units[-1], w), initializer="zeros",
+                                regularizer=self._regularizer)
+                for j, w in enumerate((first, second))
+            ]
+            self._head_biases = [self.add_weight(name=f"head_bias_{j}", shape=(w,), initializer="zeros")
+                                 for j, w in enumerate((first, second))]
         self.built = True
 
     @staticmethod
@@ -128,10 +179,43 @@ class DenseNetwork(keras.layers.Layer):
             h = layer(h)
         return h
 
+    # Largest static batch the towers run as batched matmuls. Measured with XLA on a shared 2-core x86 CPU
+    # (book towers, 4 x 256; noisy): batched matmuls beat two plain ones by roughly 8% for log_prob at 256
+    # examples, where per-op cost matters, and lose by about as much at 10000, where the plain matmul kernels
+    # do better. Unknown batch sizes (fit's batches) take the batched path.
+    _batched_max = 2048
+
+    def _run_fused(self, h):
+        act = keras.activations.get(self.activation)
+        n = h.shape[0]
+        if n is None or n <= self._batched_max:
+            h = h[None]  # [1, N, in]: broadcast against the tower axis of the kernels
+            for kernel, bias in zip(self._kernels, self._biases):
+                h = act(ops.matmul(h, kernel) + bias)  # [2, N, out]
+            if len(self._heads) == 1:
+                out = ops.matmul(h, self._heads[0]) + self._head_biases[0]
+                return out[0], out[1]
+            return tuple(ops.matmul(h[t], self._heads[t]) + self._head_biases[t] for t in range(2))
+        outs = []
+        for t in range(2):  # the same weights, one tower at a time
+            g = h
+            for kernel, bias in zip(self._kernels, self._biases):
+                g = act(ops.matmul(g, kernel[t]) + bias[t])
+            if len(self._heads) == 1:
+                outs.append(ops.matmul(g, self._heads[0][t]) + self._head_biases[0][t])
+            else:
+                outs.append(ops.matmul(g, self._heads[t]) + self._head_biases[t])
+        return outs[0], outs[1]
+
     def call(self, inputs, conditional_input=None):
         h = inputs if conditional_input is None else ops.concatenate([inputs, conditional_input], axis=-1)
         if self.separate_towers:
-            return self._run(self._towers[0], h), self._run(self._towers[1], h)
+            if len(h.shape) == 2:
+                return self._run_fused(h)
+            # Batch dimensions of any rank: the towers see them flattened.
+            batch = ops.shape(h)[:-1]
+            first, second = self._run_fused(ops.reshape(h, (-1, h.shape[-1])))
+            return (ops.reshape(first, (*batch, first.shape[-1])), ops.reshape(second, (*batch, second.shape[-1])))
         out = self._run(self._towers[0], h)
         first = _pair(self.output_units)[0]
         return out[..., :first], out[..., first:]

@@ -1,0 +1,239 @@
+"""Throughput at the book's RealNVP architecture: tfp_nvp against TFP's `tfb.RealNVP`.
+
+Both flows are two-moons RealNVPs (2-D events, 6 affine couplings, each with separate shift and log-scale MLP
+towers of 4 hidden ReLU layers x 256 units, batch 256):
+
+* tfp_nvp: `real_nvp([2], 6, hidden_units=(256,) * 4, separate_towers=True)` trained by `FlowModel.fit`
+  (default `compile()`, i.e. Adam with the warmup-cosine schedule; `compile(jit_compile=True)`, since Keras'
+  default leaves XLA off on CPU; and that with `steps_per_execution` = steps per epoch, one call per epoch);
+* TFP: `tfb.RealNVP(num_masked=1)` couplings interleaved with `tfb.Permute([1, 0])`, each with a `tf.Module`
+  conditioner holding the same two towers as two independent MLPs, trained with Adam by a
+  `tf.function(jit_compile=True)` step over pre-shuffled batches (the loop of `two_moons.py`'s `run_tfp`).
+
+Training is timed in steps per second over a few epochs after a warm-up (tracing and XLA compilation excluded);
+`log_prob` and `sample` in points per second for one jit-compiled `tf.function` call on `--points` points each
+side. Every figure is the best of `--rounds` interleaved rounds: on a shared machine noise only slows a run down.
+
+    python benchmarks/throughput.py            # a few minutes on 2 cores
+    python benchmarks/throughput.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_probability as tfp  # noqa: E402
+
+import tfp_nvp  # noqa: E402
+from tfp_nvp.data import two_moons  # noqa: E402
+
+tfb, tfd = tfp.bijectors, tfp.distributions
+
+COUPLINGS, HIDDEN = 6, (256,) * 4
+
+
+# ------------------------------------------------------------------------------------------------ TFP side
+class Towers(tf.Module):
+    """`tfb.RealNVP` conditioner: independent shift and log-scale MLPs on the masked half."""
+
+    def __init__(self, in_units, out_units, hidden=HIDDEN, seed=0, name=None):
+        super().__init__(name=name)
+        self.towers = []
+        for t in range(2):
+            init = keras.initializers.GlorotUniform(seed=seed * 10 + t)
+            sizes = [in_units, *hidden, out_units]
+            kernels = [tf.Variable(init((a, b)), name=f"t{t}w{i}") for i, (a, b) in enumerate(zip(sizes, sizes[1:]))]
+            biases = [tf.Variable(tf.zeros([b]), name=f"t{t}b{i}") for i, b in enumerate(sizes[1:])]
+            self.towers.append((kernels, biases))
+
+    def __call__(self, x, output_units, **_):
+        outs = []
+        for kernels, biases in self.towers:
+            h = x
+            for i, (w, b) in enumerate(zip(kernels, biases)):
+                h = h @ w + b
+                if i < len(kernels) - 1:
+                    h = tf.nn.relu(h)
+            outs.append(h)
+        return outs[0], outs[1]
+
+
+def tfb_flow(seed=0):
+    bijectors = []
+    for i in range(COUPLINGS):
+        bijectors.append(tfb.RealNVP(num_masked=1, shift_and_log_scale_fn=Towers(1, 1, seed=seed + i)))
+        if i < COUPLINGS - 1:
+            bijectors.append(tfb.Permute([1, 0]))
+    return tfd.TransformedDistribution(tfd.MultivariateNormalDiag(loc=tf.zeros(2)), tfb.Chain(bijectors))
+
+
+class TfbTrainer:
+    """The XLA loop of `two_moons.py`'s `run_tfp` on the book-sized `tfb.RealNVP`; one call = `epochs` epochs."""
+
+    def __init__(self, x, batch, seed=0):
+        tf.random.set_seed(seed)
+        self.flow = tfb_flow(seed)
+        variables = self.flow.trainable_variables
+        optimizer = keras.optimizers.Adam(1e-4)
+        optimizer.build(variables)
+        flow = self.flow
+
+        @tf.function(jit_compile=True)
+        def step(xb):
+            with tf.GradientTape() as tape:
+                loss = -tf.reduce_mean(flow.log_prob(xb))
+            optimizer.apply(tape.gradient(loss, variables), variables)
+            return loss
+
+        self.step, self.x, self.batch = step, x, batch
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, epochs):
+        for _ in range(epochs):
+            xs = self.x[self.rng.permutation(len(self.x))]
+            for i in range(0, len(xs), self.batch):
+                self.step(tf.constant(xs[i:i + self.batch]))
+
+
+# ------------------------------------------------------------------------------------------------ tfp_nvp side
+def ours_model(seed=0):
+    return tfp_nvp.FlowModel(tfp_nvp.real_nvp([2], COUPLINGS, hidden_units=HIDDEN, separate_towers=True, seed=seed))
+
+
+class FitTrainer:
+    """`FlowModel.fit` with the given `compile` arguments; one call = `epochs` epochs."""
+
+    def __init__(self, x, batch, seed=0, **compile_kwargs):
+        keras.utils.set_random_seed(seed)
+        self.model = ours_model(seed)
+        self.model.compile(**compile_kwargs)
+        self.x, self.batch = x, batch
+
+    def __call__(self, epochs):
+        self.model.fit(self.x, batch_size=self.batch, epochs=epochs, verbose=0)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def best_rate(runners, warmup, work, rounds, amount):
+    """Best `amount / seconds` of each runner over interleaved rounds, after one warm-up call each."""
+    for name, run in runners.items():
+        print(f"  warming up {name} ...", flush=True)
+        start = time.perf_counter()
+        run(warmup)
+        print(f"    {time.perf_counter() - start:.1f} s (trace + compile + {warmup} units)", flush=True)
+    best = {name: 0.0 for name in runners}
+    for r in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(work)
+            rate = amount / (time.perf_counter() - start)
+            best[name] = max(best[name], rate)
+            print(f"  round {r + 1}: {name}: {rate:,.1f}", flush=True)
+    return best
+
+
+def eval_runners(points, seed=0):
+    """Jit-compiled `log_prob` and `sample` calls on `points` points for each side."""
+    ours = ours_model(seed).distribution
+    theirs = tfb_flow(seed)
+    x = tf.constant(two_moons(points, seed=seed + 1))
+    out = {}
+    for side, dist in (("tfp_nvp", ours), ("tfb.RealNVP", theirs)):
+        log_prob = tf.function(lambda x, dist=dist: dist.log_prob(x), jit_compile=True)
+        sample = tf.function(lambda s, dist=dist: dist.sample(points, seed=s), jit_compile=True)
+        seeds = iter(range(1, 10**9))
+
+        def run_log_prob(n, f=log_prob):
+            for _ in range(n):
+                f(x).numpy()
+
+        def run_sample(n, f=sample):
+            for _ in range(n):
+                f(tf.constant([next(seeds), 0])).numpy()
+
+        out[side] = (run_log_prob, run_sample)
+    return out
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "n/a"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps-per-epoch", type=int, default=20, help="data size = batch x this (no partial batch)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per timed training round")
+    p.add_argument("--points", type=int, default=10_000, help="points per log_prob / sample call")
+    p.add_argument("--calls", type=int, default=10, help="log_prob / sample calls per timed round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--json", default=str(Path(__file__).with_name("throughput.json")),
+                   help="where to write the results (default: next to this script)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny budget, one round, no JSON")
+    args = p.parse_args()
+    if args.quick:
+        args.steps_per_epoch, args.epochs, args.points, args.calls, args.rounds = 4, 1, 1000, 2, 1
+        args.json = None
+
+    load_before = load_average()
+    x = two_moons(args.batch * args.steps_per_epoch, seed=0).astype("float32")
+    steps = args.epochs * args.steps_per_epoch
+    print("training (steps/s) ...", flush=True)
+    train = best_rate({
+        "FlowModel.fit, compile()": FitTrainer(x, args.batch),
+        "FlowModel.fit, compile(jit_compile=True)": FitTrainer(x, args.batch, jit_compile=True),
+        f"FlowModel.fit, compile(jit_compile=True, steps_per_execution={args.steps_per_epoch})": FitTrainer(
+            x, args.batch, jit_compile=True, steps_per_execution=args.steps_per_epoch),
+        "tfb.RealNVP, tf.function(jit_compile=True) loop": TfbTrainer(x, args.batch),
+    }, warmup=1, work=args.epochs, rounds=args.rounds, amount=steps)
+    print("log_prob and sample (points/s) ...", flush=True)
+    ev = eval_runners(args.points)
+    log_prob = best_rate({side: fns[0] for side, fns in ev.items()}, warmup=1, work=args.calls,
+                         rounds=args.rounds, amount=args.calls * args.points)
+    sample = best_rate({side: fns[1] for side, fns in ev.items()}, warmup=1, work=args.calls,
+                       rounds=args.rounds, amount=args.calls * args.points)
+    load_after = load_average()
+
+    ref_train = train["tfb.RealNVP, tf.function(jit_compile=True) loop"]
+    rows = [(f"train: {name}", "steps/s", rate, rate / ref_train) for name, rate in train.items()]
+    for label, results in (("log_prob", log_prob), ("sample", sample)):
+        ref = results["tfb.RealNVP"]
+        for side, rate in results.items():
+            rows.append((f"{label}: {side} (jit-compiled tf.function, {args.points} points)", "points/s", rate,
+                         rate / ref))
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    conditions = (f"{when}; {os.cpu_count()} CPUs ({platform.machine()}), load average (1, 5, 15 min) "
+                  f"{load_before} before, {load_after} after; TF {tf.__version__}, Keras {keras.__version__}, "
+                  f"TFP {tfp.__version__}; best of {args.rounds} interleaved rounds; training: batch {args.batch}, "
+                  f"{args.steps_per_epoch} steps/epoch, {args.epochs} epochs per round")
+    print()
+    print(conditions)
+    print()
+    print("| what | unit | rate | vs tfb.RealNVP |")
+    print("|---|---|---:|---:|")
+    for what, unit, rate, ratio in rows:
+        print(f"| {what} | {unit} | {rate:,.1f} | {ratio:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"conditions": conditions, "args": vars(args),
+                       "rows": [dict(what=w, unit=u, rate=r, ratio=q) for w, u, r, q in rows]}, f, indent=1)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
