@@ -2,18 +2,27 @@
 
     python benchmarks/glow_digits.py                      # speed table (a few minutes)
     python benchmarks/glow_digits.py --quality-minutes 4  # also train both for 4 minutes, report test bits/dim
+    python benchmarks/glow_digits.py --compare-with /tmp/old_checkout   # default GLOW steps/s, old code vs this
 
 Speed: training steps/s of a `tf.function(jit_compile=True)` Adam step (batch 64, dequantized 8x8 digits) for
 `tfb.Glow` and `tfp_nvp.glow` at the same levels, steps per level and hidden width, plus tfp_nvp's
 `FlowModel.fit` on the same flow. Quality (optional): each model trained for the same wall time with fresh
 dequantization noise per batch and early stopping on 200 validation images; test bits/dim next to the
 uniform and full-covariance Gaussian baselines.
+
+Before/after (`--compare-with DIR`): DIR is another copy of the repository (e.g. the previous commit). The
+default digits GLOW's training step is timed in fresh processes, alternately importing `tfp_nvp` from DIR
+and from this repository (`--compare-rounds` times each), so both see the same machine load; the table gives
+each round and the median speed-up. The speed table and quality runs are skipped in that mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -111,6 +120,53 @@ def train_for(flow, data, args, minutes):
     return float(images.bits_per_dim(float(nll(x_test)), DIMS, LEVELS)), time.perf_counter() - start
 
 
+def worker(args):
+    """One timing of the default GLOW in this process (imports whatever `tfp_nvp` PYTHONPATH gives)."""
+    data = images.load_digits_splits(num_validation=200, seed=args.seed)
+    flow = ours(args, 1)
+    tfp_nvp.initialize(flow, images.dequantize(data["train"][:512], LEVELS, seed=(args.seed, 0)))
+    start = time.process_time()
+    rate = steps_per_second(make_step(flow, args.lr), data["train"], args.batch, args.speed_steps)
+    print(json.dumps({"source": os.path.dirname(os.path.dirname(os.path.abspath(tfp_nvp.__file__))),
+                      "steps_per_s": rate, "load": os.getloadavg()[0],
+                      "cpu_s_incl_compile": time.process_time() - start}))
+
+
+def compare(args):
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    before = os.path.abspath(args.compare_with)
+    if not os.path.isdir(os.path.join(before, "tfp_nvp")):
+        raise SystemExit(f"--compare-with must be a copy of the repository (a directory holding tfp_nvp/); "
+                         f"got {before!r}.")
+    passthrough = [f"--levels={args.levels}", f"--steps={args.steps}", f"--hidden={args.hidden}",
+                   f"--batch={args.batch}", f"--lr={args.lr}", f"--speed-steps={args.speed_steps}",
+                   f"--seed={args.seed}"]
+    rows = []
+    for r in range(args.compare_rounds):
+        rates = {}
+        for label, root in (("before", before), ("after", here)):
+            env = {**os.environ, "PYTHONPATH": root, "TF_CPP_MIN_LOG_LEVEL": "3"}
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *passthrough],
+                                 env=env, cwd=root, capture_output=True, text=True, check=True).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            if os.path.realpath(result["source"]) != os.path.realpath(root):
+                raise SystemExit(f"the {label} worker imported tfp_nvp from {result['source']}, not {root}.")
+            rates[label] = result
+            print(f"round {r}: {label} {result['steps_per_s']:.2f} steps/s (load {result['load']:.1f})", flush=True)
+        rows.append(rates)
+    print(f"\nDefault GLOW on digits ({args.levels} levels x {args.steps} steps, {args.hidden} hidden, num_blocks=1), "
+          f"batch {args.batch}, XLA Adam step, {os.cpu_count()} cores; before = {before}\n")
+    print("| round | before steps/s | after steps/s | speed-up | load (1 min) |")
+    print("|---|---:|---:|---:|---:|")
+    for r, rates in enumerate(rows):
+        b, a = rates["before"]["steps_per_s"], rates["after"]["steps_per_s"]
+        loads = f"{rates['before']['load']:.1f} / {rates['after']['load']:.1f}"
+        print(f"| {r} | {b:.2f} | {a:.2f} | {a / b:.2f}x | {loads} |")
+    b = float(np.median([x["before"]["steps_per_s"] for x in rows]))
+    a = float(np.median([x["after"]["steps_per_s"] for x in rows]))
+    print(f"| median | {b:.2f} | {a:.2f} | {a / b:.2f}x | |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", type=int, default=2)
@@ -121,7 +177,15 @@ def main():
     p.add_argument("--speed-steps", type=int, default=300)
     p.add_argument("--quality-minutes", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare-with", default=None, metavar="DIR",
+                   help="another copy of the repository: time the default GLOW with its tfp_nvp and with this one")
+    p.add_argument("--compare-rounds", type=int, default=2)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.compare_with:
+        return compare(args)
     data = images.load_digits_splits(num_validation=200, seed=args.seed)
 
     rows = []

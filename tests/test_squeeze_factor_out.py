@@ -248,3 +248,35 @@ def test_glow_weights_reload_exactly_without_reinitialising(trained, tmp_path):
     assert initialize(fresh, probe * 7.0 - 3.0) == 0
     for old, new in zip(before, fresh.weights):
         np.testing.assert_array_equal(new.numpy(), old)
+
+
+def test_traced_log_prob_runs_every_network_once_with_the_eager_gradient(monkeypatch):
+    # The log-det after the density pass must reuse the inner level's and the split prior's work: each
+    # coupling network and the prior run once per traced log_prob, and the traced gradient is the eager one
+    # (eager calls never reuse anything).
+    flow = tfp_nvp.glow([4, 4, 1], num_levels=2, num_steps_per_level=1, hidden_channels=4, logit_alpha=None,
+                        dtype="float64", seed=3)
+    x = _x((3, 4, 4, 1), 21)
+    initialize(flow, x)
+    calls = {}
+    original = keras.layers.Conv2D.call
+
+    def counted(self, *args, **kwargs):
+        calls[self.name] = calls.get(self.name, 0) + 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.layers.Conv2D, "call", counted)
+    variables = flow.trainable_variables
+
+    def value_and_grad(t):
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_sum(flow.log_prob(t))
+        return loss, tape.gradient(loss, variables)
+
+    traced = tf.function(value_and_grad).get_concrete_function(tf.TensorSpec(x.shape, x.dtype))
+    assert calls and set(calls.values()) == {1}, calls
+    loss, grads = traced(x)
+    eager_loss, eager_grads = value_and_grad(_fresh(x))
+    np.testing.assert_allclose(loss.numpy(), eager_loss.numpy(), rtol=1e-12)
+    for g, e in zip(grads, eager_grads):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-9, atol=1e-12)

@@ -22,6 +22,7 @@ per-level priors: the factored-out part is `N(mu(x_keep), sigma(x_keep)^2)` in d
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Sequence
 
 import keras
@@ -261,27 +262,51 @@ class FactorOut(KerasParameterizedBijector):
     def _reduce_event(self, t):
         return tf.reduce_sum(t, axis=list(range(-len(self._event_shape_), 0)))
 
+    # TFP's log_prob runs `_inverse(y)` and then a log-det at its input or its output (sampling with
+    # log-densities does the mirror image); each would run the prior network again on the same kept channels,
+    # and XLA merges the repeated forward passes but not their gradients. Inside one traced function the
+    # log-scale a call computed is remembered with the latent-side and data-side tensors of that call and reused
+    # by a log-det at either; eager calls never reuse it, so a tape or a weight update between two eager calls
+    # can never meet a stale value.
+    def _remember(self, latent, data, conditional_input, log_sigma):
+        if not tf.executing_eagerly():
+            self._log_sigma_memo = (weakref.ref(latent), weakref.ref(data), conditional_input, log_sigma)
+
+    def _log_sigma_at(self, t, arg, conditional_input, latent_side):
+        checked = self._check_event(t, arg)
+        memo = getattr(self, "_log_sigma_memo", None)
+        if memo is not None and not tf.executing_eagerly():
+            ref_latent, ref_data, c, log_sigma = memo
+            ref = ref_latent if latent_side else ref_data
+            if ref() is t and c is conditional_input and log_sigma.graph is t.graph:
+                return self._reduce_event(log_sigma)
+        return self._reduce_event(self._prior(checked[..., : self._num_keep], conditional_input)[1])
+
+    # The memo is keyed on the tensors TFP passes in and out; the arithmetic uses the checked input, which is
+    # the same tensor unless `validate_args` gates it on its finiteness check.
     def _forward(self, x, conditional_input=None):
-        x = self._check_event(x, "x")
-        keep, z_exit = x[..., : self._num_keep], x[..., self._num_keep:]
+        checked = self._check_event(x, "x")
+        keep, z_exit = checked[..., : self._num_keep], checked[..., self._num_keep:]
         mean, log_sigma = self._prior(keep, conditional_input)
         exit_ = z_exit * tf.exp(log_sigma) + mean
-        return tf.concat([self._lift(keep, exit_), exit_], axis=-1)
+        y = tf.concat([self._lift(keep, exit_), exit_], axis=-1)
+        self._remember(x, y, conditional_input, log_sigma)
+        return y
 
     def _inverse(self, y, conditional_input=None):
-        y = self._check_event(y, "y")
-        keep, x_exit = y[..., : self._num_keep], y[..., self._num_keep:]
+        checked = self._check_event(y, "y")
+        keep, x_exit = checked[..., : self._num_keep], checked[..., self._num_keep:]
         mean, log_sigma = self._prior(keep, conditional_input)
         exit_ = (x_exit - mean) * tf.exp(-log_sigma)
-        return tf.concat([self._lift(keep, exit_), exit_], axis=-1)
+        x = tf.concat([self._lift(keep, exit_), exit_], axis=-1)
+        self._remember(x, y, conditional_input, log_sigma)
+        return x
 
     def _forward_log_det_jacobian(self, x, conditional_input=None):
-        x = self._check_event(x, "x")
-        return self._reduce_event(self._prior(x[..., : self._num_keep], conditional_input)[1])
+        return self._log_sigma_at(x, "x", conditional_input, latent_side=True)
 
     def _inverse_log_det_jacobian(self, y, conditional_input=None):
-        y = self._check_event(y, "y")
-        return -self._reduce_event(self._prior(y[..., : self._num_keep], conditional_input)[1])
+        return -self._log_sigma_at(y, "y", conditional_input, latent_side=False)
 
 
 class OnChannels(tfb.Bijector):
@@ -363,7 +388,20 @@ class OnChannels(tfb.Bijector):
     def _parameter_properties(cls, dtype, num_classes=None):
         return dict()
 
+    # TFP's log_prob calls `_inverse(y)` and then a log-det at its output `x` (or at `y`). Slicing that tensor
+    # anew would hand the inner bijector a tensor it has never seen, missing its cache: the whole inner level
+    # (every coupling network) would run again for the log-det, and its gradient too. Inside one traced function
+    # the parts of the tensors a call took and returned are therefore remembered, so a later split of either
+    # gives the very tensors the inner bijector saw or returned. Eagerly slicing is cheap and nothing is kept.
+    def _remember(self, *pairs):
+        if not tf.executing_eagerly():
+            self._parts_memo = [(weakref.ref(whole), parts) for whole, parts in pairs]
+
     def _split(self, x):
+        if not tf.executing_eagerly():
+            for ref, parts in getattr(self, "_parts_memo", ()):
+                if ref() is x and parts[0].graph is x.graph:
+                    return parts
         return x[..., : self._num_channels], x[..., self._num_channels:]
 
     @staticmethod
@@ -372,24 +410,30 @@ class OnChannels(tfb.Bijector):
                            and inner.shape[:-1] == rest.shape[:-1]):
             # A condition with more batch dimensions than the data broadcasts the inner bijector's output.
             rest = tf.broadcast_to(rest, tf.concat([tf.shape(inner)[:-1], tf.shape(rest)[-1:]], 0))
-        return tf.concat([inner, rest], axis=-1)
+        return tf.concat([inner, rest], axis=-1), rest
 
+    # The memo is keyed on the tensors TFP passes in and out; the arithmetic uses the checked input, which is
+    # the same tensor unless `validate_args` gates it on its finiteness check.
     def _forward(self, x, **kwargs):
-        x = check_event(self, x, "x", self._event_shape_)
-        inner, rest = self._split(x)
-        return self._join(self._bijector.forward(inner, **kwargs), rest, kwargs)
+        inner, rest = self._split(check_event(self, x, "x", self._event_shape_))
+        inner_out = self._bijector.forward(inner, **kwargs)
+        y, rest_out = self._join(inner_out, rest, kwargs)
+        self._remember((x, (inner, rest)), (y, (inner_out, rest_out)))
+        return y
 
     def _inverse(self, y, **kwargs):
-        y = check_event(self, y, "y", self._event_shape_)
-        inner, rest = self._split(y)
-        return self._join(self._bijector.inverse(inner, **kwargs), rest, kwargs)
+        inner, rest = self._split(check_event(self, y, "y", self._event_shape_))
+        inner_out = self._bijector.inverse(inner, **kwargs)
+        x, rest_out = self._join(inner_out, rest, kwargs)
+        self._remember((y, (inner, rest)), (x, (inner_out, rest_out)))
+        return x
 
     def _forward_log_det_jacobian(self, x, **kwargs):
-        x = check_event(self, x, "x", self._event_shape_)
-        return self._bijector.forward_log_det_jacobian(
-            self._split(x)[0], event_ndims=len(self._event_shape_), **kwargs)
+        checked = check_event(self, x, "x", self._event_shape_)
+        inner = self._split(x)[0] if checked is x else self._split(checked)[0]
+        return self._bijector.forward_log_det_jacobian(inner, event_ndims=len(self._event_shape_), **kwargs)
 
     def _inverse_log_det_jacobian(self, y, **kwargs):
-        y = check_event(self, y, "y", self._event_shape_)
-        return self._bijector.inverse_log_det_jacobian(
-            self._split(y)[0], event_ndims=len(self._event_shape_), **kwargs)
+        checked = check_event(self, y, "y", self._event_shape_)
+        inner = self._split(y)[0] if checked is y else self._split(checked)[0]
+        return self._bijector.inverse_log_det_jacobian(inner, event_ndims=len(self._event_shape_), **kwargs)
