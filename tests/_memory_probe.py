@@ -18,7 +18,7 @@ import tfp_nvp  # noqa: E402
 
 def step_peak_mb(kind: str, depth: int, invertible: bool) -> float:
     if kind == "real_nvp":
-        x = tf.random.stateless_normal([1024, 16], seed=[0, 1])
+        x = tf.random.stateless_normal([2048, 16], seed=[0, 1])
         flow = tfp_nvp.real_nvp([16], depth, hidden_units=(256, 256), seed=0, invertible_backprop=invertible)
     else:
         x = tf.random.stateless_uniform([32, 16, 16, 3], seed=[0, 1])

@@ -208,9 +208,12 @@ def _step_peaks(kind, *depths):
 
 def test_training_step_memory_stays_flat_in_depth_under_tf_function():
     # The allocator's own peak, not the process RSS (which also holds the executable graph, three times larger
-    # here). Standard backprop keeps every coupling's activations: 4x the depth, ~3x the peak (measured 6.5 ->
-    # 20.1 MB); invertible backprop keeps one step's: measured 4.5 -> 4.7 MB.
+    # here). Standard backprop keeps every coupling's activations: 4x the depth, ~3x the peak (measured 11-13 ->
+    # 41 MB). Invertible backprop keeps one step's activations; what it still adds with depth is
+    # the extra couplings' weight gradients (0.3 MB each) plus the allocator's run-to-run noise (about 1 MB):
+    # measured at 3-9 % of what standard backprop adds; a chain that kept activations adds ~100 %.
     peaks = _step_peaks("real_nvp", 2, 8)
+    standard_growth = peaks["standard_8"] - peaks["standard_2"]
     assert peaks["standard_8"] > 2.0 * peaks["standard_2"], peaks
-    assert peaks["invertible_8"] < 1.2 * peaks["invertible_2"], peaks
+    assert peaks["invertible_8"] - peaks["invertible_2"] < 0.25 * standard_growth, peaks
     assert peaks["invertible_8"] < 0.5 * peaks["standard_8"], peaks
