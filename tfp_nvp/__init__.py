@@ -26,6 +26,7 @@ from tfp_nvp.autoregressive import iaf, maf  # noqa: E402
 from tfp_nvp.ffjord import ffjord  # noqa: E402
 from tfp_nvp.keras import FlowModel, flow_layers  # noqa: E402
 from tfp_nvp.schedules import WarmupCosineDecay  # noqa: E402
+from tfp_nvp.optimizers import FusedAdam  # noqa: E402
 from tfp_nvp.layers import FlowLayer, NegativeLogLikelihood  # noqa: E402
 from tfp_nvp.conditioned import ConditionedFlow, condition  # noqa: E402
 from tfp_nvp.initialize import initialize  # noqa: E402  (rebinds the submodule name to the function)
@@ -42,6 +43,7 @@ __all__ = [
     "FactorOut",
     "FlowLayer",
     "FlowModel",
+    "FusedAdam",
     "InverseAutoregressive",
     "Invertible1x1Conv",
     "InvertibleChain",

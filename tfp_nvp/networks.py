@@ -194,7 +194,7 @@ class DenseNetwork(keras.layers.Layer):
                 h = act(ops.matmul(h, kernel) + bias)  # [2, N, out]
             if len(self._heads) == 1:
                 out = ops.matmul(h, self._heads[0]) + self._head_biases[0]
-                return out[0], out[1]
+                return tuple(ops.unstack(out, 2, axis=0))  # one op (gradient: one stack), not two slices
             return tuple(ops.matmul(h[t], self._heads[t]) + self._head_biases[t] for t in range(2))
         outs = []
         for t in range(2):  # the same weights, one tower at a time
@@ -218,7 +218,7 @@ class DenseNetwork(keras.layers.Layer):
             return (ops.reshape(first, (*batch, first.shape[-1])), ops.reshape(second, (*batch, second.shape[-1])))
         out = self._run(self._towers[0], h)
         first = _pair(self.output_units)[0]
-        return out[..., :first], out[..., first:]
+        return tuple(ops.split(out, [first], axis=-1))  # one op (gradient: one concat), not two slices
 
     def get_config(self):
         return {
