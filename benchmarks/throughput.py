@@ -5,7 +5,8 @@ towers of 4 hidden ReLU layers x 256 units, batch 256):
 
 * tfp_nvp: `real_nvp([2], 6, hidden_units=(256,) * 4, separate_towers=True)` trained by `FlowModel.fit`
   (default `compile()`, i.e. Adam with the warmup-cosine schedule; `compile(jit_compile=True)`, since Keras'
-  default leaves XLA off on CPU; and that with `steps_per_execution` = steps per epoch, one call per epoch);
+  default leaves XLA off on CPU; that with `tfp_nvp.FusedAdam`; and with `steps_per_execution` = steps per
+  epoch, one call per epoch);
 * TFP: `tfb.RealNVP(num_masked=1)` couplings interleaved with `tfb.Permute([1, 0])`, each with a `tf.Module`
   conditioner holding the same two towers as two independent MLPs, trained with Adam by a
   `tf.function(jit_compile=True)` step over pre-shuffled batches (the loop of `two_moons.py`'s `run_tfp`).
@@ -197,6 +198,8 @@ def main():
     train = best_rate({
         "FlowModel.fit, compile()": FitTrainer(x, args.batch),
         "FlowModel.fit, compile(jit_compile=True)": FitTrainer(x, args.batch, jit_compile=True),
+        "FlowModel.fit, compile(FusedAdam, jit_compile=True)": FitTrainer(
+            x, args.batch, optimizer=tfp_nvp.FusedAdam(tfp_nvp.WarmupCosineDecay()), jit_compile=True),
         f"FlowModel.fit, compile(jit_compile=True, steps_per_execution={args.steps_per_epoch})": FitTrainer(
             x, args.batch, jit_compile=True, steps_per_execution=args.steps_per_epoch),
         "tfb.RealNVP, tf.function(jit_compile=True) loop": TfbTrainer(x, args.batch),

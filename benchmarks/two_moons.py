@@ -16,7 +16,7 @@ fresh moons: held-out NLL in nats per point, its gap to the exact entropy bound 
     `tf.Module` MLP conditioner (two 256-unit ReLU layers, linear shift and log-scale heads), trained with the
     book's optimizer and batch size by a `tf.function(jit_compile=True)` loop.
 (c) "ours", "spline", "ffjord": examples/two_moons.py's recipes for `--flow real_nvp / spline / ffjord`
-    (FlowModel.fit, validation split, early stopping, cosine decay; XLA except for FFJORD), each run for
+    (FlowModel.fit, validation split, early stopping, cosine decay; no XLA), each run for
     `--seeds` seeds; the table gives the median NLL over seeds with min and max, and the median time.
 
 Learning curves for (c): at every epoch end a callback scores the held-out NLL of a fixed subsample of

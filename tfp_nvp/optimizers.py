@@ -26,7 +26,8 @@ class FusedAdam(keras.optimizers.Adam):
 
     Everything `Adam` does around the update (learning-rate schedules, `clipnorm`, `weight_decay`, EMA,
     gradient accumulation, distribution strategies) is Keras' own code. `amsgrad=True` keeps Keras' update.
-    `FlowModel.compile()` uses it by default; on TensorFlow only.
+    Float rounding differs from Keras' Adam in the last bits (Keras rounds `1 - beta_2` and the bias correction
+    separately), which is enough for two long runs of a sensitive recipe to drift apart.
 
     Example:
       >>> model.compile(optimizer=tfp_nvp.FusedAdam(tfp_nvp.WarmupCosineDecay(5e-3)))
