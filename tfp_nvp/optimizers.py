@@ -42,7 +42,10 @@ class FusedAdam(keras.optimizers.Adam):
     def _constants(self, variable, learning_rate):
         graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
         key = (variable.dtype, variable.device, graph)
-        cached = getattr(self, "_step_constants", {}).get(key)
+        constants = getattr(self, "_step_constants", None)
+        if constants is None:  # update_step called outside `apply`
+            constants = self._step_constants = {}
+        cached = constants.get(key)
         if cached is None:
             dtype = variable.dtype
             step = tf.cast(self.iterations + 1, dtype)
@@ -51,9 +54,7 @@ class FusedAdam(keras.optimizers.Adam):
             cached = dict(beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step),
                           lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
                           epsilon=tf.constant(self.epsilon, dtype))
-            if not hasattr(self, "_step_constants"):
-                self._step_constants = {}
-            self._step_constants[key] = cached
+            constants[key] = cached
         return cached
 
     def update_step(self, gradient, variable, learning_rate):

@@ -269,13 +269,14 @@ def _inner_chain(step):
 
 def _step_inverse(step, x, event_ndims: int, kwargs: dict):
     """(inverse, inverse log-det) of one step, in one density pass for nested invertible chains."""
-    if isinstance(step, InvertibleChain):
+    chain = _inner_chain(step)
+    if chain is step:
         return step._density_pass(x, event_ndims, kwargs)
-    if isinstance(step, OnChannels) and isinstance(step.bijector, InvertibleChain):
+    if chain is not None:
         # OnChannels would slice its input twice (once for inverse, once for the log-det), and the inner chain
         # would run its whole pass for each; one slice, one pass.
         k = step.num_channels
         inner, rest = x[..., :k], x[..., k:]
-        z, ildj = step.bijector._density_pass(inner, len(step.event_shape), kwargs)
+        z, ildj = chain._density_pass(inner, len(step.event_shape), kwargs)
         return tf.concat([z, rest], axis=-1), ildj
     return step.inverse(x, **kwargs), step.inverse_log_det_jacobian(x, event_ndims=event_ndims, **kwargs)
