@@ -39,8 +39,8 @@ import tensorflow_probability as tfp  # noqa: E402
 
 import tfp_nvp  # noqa: E402
 from tfp_nvp.data import two_moons  # noqa: E402
+from two_moons import tfp_flow, xla_adam_step  # noqa: E402  (benchmarks/two_moons.py, beside this script)
 
-tfb, tfd = tfp.bijectors, tfp.distributions
 
 COUPLINGS, HIDDEN = 6, (256,) * 4
 
@@ -72,12 +72,7 @@ class Towers(tf.Module):
 
 
 def tfb_flow(seed=0):
-    bijectors = []
-    for i in range(COUPLINGS):
-        bijectors.append(tfb.RealNVP(num_masked=1, shift_and_log_scale_fn=Towers(1, 1, seed=seed + i)))
-        if i < COUPLINGS - 1:
-            bijectors.append(tfb.Permute([1, 0]))
-    return tfd.TransformedDistribution(tfd.MultivariateNormalDiag(loc=tf.zeros(2)), tfb.Chain(bijectors))
+    return tfp_flow(COUPLINGS, seed=seed, conditioner=Towers)
 
 
 class TfbTrainer:
@@ -86,19 +81,7 @@ class TfbTrainer:
     def __init__(self, x, batch, seed=0):
         tf.random.set_seed(seed)
         self.flow = tfb_flow(seed)
-        variables = self.flow.trainable_variables
-        optimizer = keras.optimizers.Adam(1e-4)
-        optimizer.build(variables)
-        flow = self.flow
-
-        @tf.function(jit_compile=True)
-        def step(xb):
-            with tf.GradientTape() as tape:
-                loss = -tf.reduce_mean(flow.log_prob(xb))
-            optimizer.apply(tape.gradient(loss, variables), variables)
-            return loss
-
-        self.step, self.x, self.batch = step, x, batch
+        self.step, self.x, self.batch = xla_adam_step(self.flow), x, batch
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, epochs):
