@@ -74,18 +74,33 @@ def test_matches_keras_adam(jit_compile):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
 
 
-def test_keeps_keras_features_around_the_update():
-    # clipnorm and weight decay run in Keras' code before the update; amsgrad keeps Keras' update.
-    for kwargs in (dict(clipnorm=0.1), dict(weight_decay=0.1), dict(amsgrad=True)):
-        got = _run(FusedAdam(0.1, **kwargs), "float32", steps=4, jit_compile=False)
-        want = _run(keras.optimizers.Adam(0.1, **kwargs), "float32", steps=4, jit_compile=False)
+@pytest.mark.parametrize("jit_compile", [None, True])
+def test_keeps_keras_features_around_the_update(jit_compile):
+    # Weight decay runs in Keras' code before the update; amsgrad keeps Keras' update; clipnorm is FusedAdam's
+    # own and must clip exactly as Keras does: at 0.1 every gradient is clipped, at 1.4 the (4,) weight's
+    # gradient (norm 0.36-1.35 over these steps) is not while the others (norm >= 1.5) are.
+    norms = [[np.linalg.norm(g) for g in _gradients(i, "float64")] for i in range(4)]
+    assert all(n[1] < 1.4 < min(n[0], n[2]) for n in norms), norms
+    for kwargs in (dict(clipnorm=0.1), dict(clipnorm=1.4), dict(weight_decay=0.1), dict(amsgrad=True)):
+        got = _run(FusedAdam(0.1, **kwargs), "float32", steps=4, jit_compile=jit_compile)
+        want = _run(keras.optimizers.Adam(0.1, **kwargs), "float32", steps=4, jit_compile=jit_compile)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=0, atol=1e-5, err_msg=str(kwargs))
 
 
-def _update_ops_per_weight(optimizer_class, n):
+def test_clipnorm_scales_each_gradient_to_the_norm():
+    optimizer = FusedAdam(0.1, clipnorm=1.0)
+    grads = [tf.constant([3.0, 4.0]), tf.constant([0.3, 0.4]), tf.zeros([3]), None]
+    clipped = optimizer._clip_gradients(grads)
+    np.testing.assert_allclose(clipped[0], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(clipped[1], grads[1])  # under the norm: untouched
+    np.testing.assert_array_equal(clipped[2], np.zeros(3))  # zero gradient: no division by zero
+    assert clipped[3] is None
+
+
+def _update_ops_per_weight(optimizer_class, n, **kwargs):
     weights = [keras.Variable(np.ones((4, 4), "float32")) for _ in range(n)]
-    optimizer = optimizer_class(1e-3)
+    optimizer = optimizer_class(1e-3, **kwargs)
     optimizer.build(weights)
     graph = tf.function(lambda grads: optimizer.apply(grads, weights)).get_concrete_function(
         [tf.TensorSpec((4, 4))] * n).graph
@@ -101,6 +116,10 @@ def test_update_builds_a_few_ops_per_weight():
              - _update_ops_per_weight(keras.optimizers.Adam, 10)) / 10
     assert fused <= 3, fused
     assert plain >= 8 * fused, (plain, fused)
+    # Clipping each gradient's norm adds two ops per weight (its L2Loss and the scaling), not Keras' ~17.
+    clipped = (_update_ops_per_weight(FusedAdam, 20, clipnorm=1.0)
+               - _update_ops_per_weight(FusedAdam, 10, clipnorm=1.0)) / 10
+    assert clipped <= fused + 2, (clipped, fused)
 
 
 def test_flow_model_save_and_reload(tmp_path):
