@@ -48,6 +48,34 @@ def test_conv_resnet_shapes_and_zero_head():
     assert np.abs(shift.numpy()).max() > 0.01 and np.abs(log_scale.numpy()).max() > 0.01
 
 
+@pytest.mark.parametrize("make,x_shape,widths", [
+    (lambda: DenseNetwork((8,), output_units=(3, 2)), [None, 3], (3, 2)),
+    (lambda: ConvResNet(hidden_channels=4, num_blocks=1, output_channels=(3, 2)), [None, 4, 4, 2], (3, 2)),
+])
+def test_outputs_are_one_split_of_the_head(make, x_shape, widths):
+    # The pair is the head's output cut once along its last axis: one SplitV and no shape arithmetic, which
+    # every coupling (and its gradient) would otherwise pay for at every step and at every trace.
+    net = make()
+    net.build(tuple(x_shape))
+    randomize_layer(net, 3)
+    graph = tf.function(net).get_concrete_function(tf.TensorSpec(x_shape)).graph
+    types = [op.type for op in graph.get_operations()]
+    assert types.count("SplitV") == 1
+    assert not {"StridedSlice", "Shape", "Slice"} & set(types), sorted(set(types))
+    x = tf.random.stateless_normal([2, *x_shape[1:]], seed=[0, 4])
+    first, second = net(x)
+    assert (first.shape[-1], second.shape[-1]) == widths
+    head = net._head if isinstance(net, ConvResNet) else None
+    if head is not None:  # the split is of the head's output, in order
+        stem = net._stem(x)
+        h = stem
+        for conv_a, conv_b in net._blocks:
+            h = h + conv_b(keras.ops.relu(conv_a(keras.ops.relu(h))))
+        full = head(keras.ops.relu(h))
+        np.testing.assert_allclose(first, full[..., :3], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(second, full[..., 3:], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("make,x_shape", [
     (lambda: DenseNetwork((8,), output_units=2), [4, 3]),
     (lambda: ConvResNet(hidden_channels=4, num_blocks=1, output_channels=2), [4, 3, 3, 1]),

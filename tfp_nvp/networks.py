@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import keras
+import tensorflow as tf
 from keras import layers, ops
 
 __all__ = ["DenseNetwork", "ConvResNet", "MADE", "MaskedDense"]
@@ -49,6 +50,12 @@ def _output_widths(value, name: str):
 
 def _pair(widths) -> tuple[int, int]:
     return tuple(widths) if isinstance(widths, tuple) else (widths, widths)
+
+
+def _split_last(out, widths):
+    # tf.split with static sizes is one op (its gradient one concat); keras.ops.split with indices and
+    # slicing both build about a dozen shape ops per call, paid again in every coupling's gradient.
+    return tuple(tf.split(out, list(_pair(widths)), axis=-1))
 
 
 class _StackedInitializer:
@@ -216,9 +223,7 @@ class DenseNetwork(keras.layers.Layer):
             batch = ops.shape(h)[:-1]
             first, second = self._run_fused(ops.reshape(h, (-1, h.shape[-1])))
             return (ops.reshape(first, (*batch, first.shape[-1])), ops.reshape(second, (*batch, second.shape[-1])))
-        out = self._run(self._towers[0], h)
-        first = _pair(self.output_units)[0]
-        return tuple(ops.split(out, [first], axis=-1))  # one op (gradient: one concat), not two slices
+        return _split_last(self._run(self._towers[0], h), self.output_units)
 
     def get_config(self):
         return {
@@ -294,9 +299,7 @@ class ConvResNet(keras.layers.Layer):
         h = self._stem(x)
         for conv_a, conv_b in self._blocks:
             h = h + conv_b(ops.relu(conv_a(ops.relu(h))))
-        out = self._head(ops.relu(h))
-        first = _pair(self.output_channels)[0]
-        return out[..., :first], out[..., first:]
+        return _split_last(self._head(ops.relu(h)), self.output_channels)
 
     def get_config(self):
         return {
