@@ -174,6 +174,26 @@ def test_batch_ranks(event_shape, mask, batch_shape, randomize):
     np.testing.assert_allclose(fldj, -ildj, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("event_shape,mask", [((5,), "half"), ((4, 4, 2), "checkerboard")])
+def test_log_det_over_extra_event_axes_sums_the_layer_log_dets(event_shape, mask, randomize):
+    """Asked for more event axes than its own, a coupling sums its log-dets over them; asked for its own, the
+    reduction TFP applies (over no axes) leaves no Sum in the graph: the coupling's own sum is the only one."""
+    bij = make_coupling(list(event_shape), mask, False)
+    randomize(bij, seed=12)
+    x = tf.random.stateless_normal([2, 3, *event_shape], seed=[4, 5], dtype=tf.float64)
+    rank = len(event_shape)
+    per_event = bij.forward_log_det_jacobian(x, event_ndims=rank)
+    assert np.abs(per_event.numpy()).max() > 1e-3
+    np.testing.assert_allclose(bij.forward_log_det_jacobian(x, event_ndims=rank + 1),
+                               tf.reduce_sum(per_event, axis=-1), rtol=1e-12)
+    np.testing.assert_allclose(bij.inverse_log_det_jacobian(x, event_ndims=rank + 1),
+                               tf.reduce_sum(bij.inverse_log_det_jacobian(x, event_ndims=rank), axis=-1),
+                               rtol=1e-12)
+    graph = tf.function(lambda t: bij.inverse_log_det_jacobian(t, event_ndims=rank)).get_concrete_function(
+        tf.TensorSpec([None, *event_shape], tf.float64)).graph
+    assert [op.type for op in graph.get_operations()].count("Sum") == 1
+
+
 # --------------------------------------------------------------------------------------------- networks
 def test_plain_callable_network(autodiff_log_det):
     """A plain function of x_a returning one tensor (shift then log_scale on the last axis) is a network."""
