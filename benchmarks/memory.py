@@ -58,6 +58,24 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KB
 
 
+def sgd_step(flow):
+    """A `tf.function` training step on `flow`'s mean NLL by plain SGD: the workload whose memory is measured
+    (no optimizer slots, so the peak is the step's own tensors). Also used by tests/_memory_probe.py."""
+    import tensorflow as tf
+
+    variables = flow.trainable_variables
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_mean(flow.log_prob(x))
+        for v, g in zip(variables, tape.gradient(loss, variables)):
+            v.assign_sub(1e-4 * g)
+        return loss
+
+    return step
+
+
 def worker(config: dict) -> dict:
     """One configuration, in this process: returns peak RSS and time per step."""
     import numpy as np
@@ -80,15 +98,7 @@ def worker(config: dict) -> dict:
                             hidden_channels=config["hidden"], seed=0,
                             invertible_backprop=config["variant"] == "invertible")
         tfp_nvp.initialize(flow, x)
-    variables = flow.trainable_variables
-
-    @tf.function
-    def step(x):
-        with tf.GradientTape() as tape:
-            loss = -tf.reduce_mean(flow.log_prob(x))
-        for v, g in zip(variables, tape.gradient(loss, variables)):
-            v.assign_sub(1e-4 * g)
-        return loss
+    step = sgd_step(flow)
 
     # Tracing grows the process by an amount that scales with the graph (larger for invertible backprop, which
     # traces every step three times): recorded separately from what running the step adds.

@@ -7,6 +7,7 @@ variable read at start-up, hence a separate process. Prints one JSON object: pea
 import json
 import os
 import sys
+from pathlib import Path
 
 os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -14,6 +15,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf  # noqa: E402
 
 import tfp_nvp  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from memory import sgd_step  # noqa: E402  (the benchmark's own step: the test measures the same workload)
 
 
 def step_peak_mb(kind: str, depth: int, invertible: bool) -> float:
@@ -25,16 +29,7 @@ def step_peak_mb(kind: str, depth: int, invertible: bool) -> float:
         flow = tfp_nvp.glow([16, 16, 3], num_levels=2, num_steps_per_level=depth, hidden_channels=32, seed=0,
                             invertible_backprop=invertible)
         tfp_nvp.initialize(flow, x)
-    variables = flow.trainable_variables
-
-    @tf.function
-    def step(x):
-        with tf.GradientTape() as tape:
-            loss = -tf.reduce_mean(flow.log_prob(x))
-        for v, g in zip(variables, tape.gradient(loss, variables)):
-            v.assign_sub(1e-4 * g)
-        return loss
-
+    step = sgd_step(flow)
     step(x)  # traces, instantiates and optimises the graph
     tf.config.experimental.reset_memory_stats("CPU:0")
     held = tf.config.experimental.get_memory_info("CPU:0")["current"]
