@@ -6,7 +6,8 @@
 
 Speed: training steps/s of a `tf.function(jit_compile=True)` Adam step (batch 64, dequantized 8x8 digits) for
 `tfb.Glow` and `tfp_nvp.glow` at the same levels, steps per level and hidden width, plus tfp_nvp's
-`FlowModel.fit` on the same flow. Quality (optional): each model trained for the same wall time with fresh
+`FlowModel.fit` on the same flow; `--no-xla` times them all without XLA (on x86 CPUs TensorFlow then runs the
+convolutions with oneDNN). Quality (optional): each model trained for the same wall time with fresh
 dequantization noise per batch and early stopping on 200 validation images; test bits/dim next to the
 uniform and full-covariance Gaussian baselines.
 
@@ -56,11 +57,11 @@ def ours(args, num_blocks):
                         hidden_channels=args.hidden, num_blocks=num_blocks, seed=args.seed)
 
 
-def make_step(flow, lr):
+def make_step(flow, lr, jit_compile=True):
     opt = keras.optimizers.Adam(lr)
     variables = flow.trainable_variables
 
-    @tf.function(jit_compile=True)
+    @tf.function(jit_compile=jit_compile)
     def step(x_int):
         x = images.dequantize(x_int, LEVELS)
         with tf.GradientTape() as tape:
@@ -85,7 +86,7 @@ def steps_per_second(step, data, batch, n_steps):
 
 def fit_steps_per_second(flow, data, args):
     model = tfp_nvp.FlowModel(flow, levels=LEVELS)
-    model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=True)
+    model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=not args.no_xla)
     x = data[np.random.default_rng(0).choice(len(data), args.batch * 16)]
     model.fit(x, batch_size=args.batch, epochs=1, verbose=0)  # compile
     epochs = max(1, args.speed_steps // 16)
@@ -126,10 +127,15 @@ def worker(args):
     flow = ours(args, 1)
     tfp_nvp.initialize(flow, images.dequantize(data["train"][:512], LEVELS, seed=(args.seed, 0)))
     start = time.process_time()
-    rate = steps_per_second(make_step(flow, args.lr), data["train"], args.batch, args.speed_steps)
+    rate = steps_per_second(make_step(flow, args.lr, not args.no_xla), data["train"], args.batch,
+                            args.speed_steps)
     print(json.dumps({"source": os.path.dirname(os.path.dirname(os.path.abspath(tfp_nvp.__file__))),
                       "steps_per_s": rate, "load": os.getloadavg()[0],
                       "cpu_s_incl_compile": time.process_time() - start}))
+
+
+def _mode(args) -> str:
+    return "no-XLA" if args.no_xla else "XLA"
 
 
 def compare(args):
@@ -140,7 +146,7 @@ def compare(args):
                          f"got {before!r}.")
     passthrough = [f"--levels={args.levels}", f"--steps={args.steps}", f"--hidden={args.hidden}",
                    f"--batch={args.batch}", f"--lr={args.lr}", f"--speed-steps={args.speed_steps}",
-                   f"--seed={args.seed}"]
+                   f"--seed={args.seed}"] + (["--no-xla"] if args.no_xla else [])
     rows = []
     for r in range(args.compare_rounds):
         rates = {}
@@ -155,7 +161,7 @@ def compare(args):
             print(f"round {r}: {label} {result['steps_per_s']:.2f} steps/s (load {result['load']:.1f})", flush=True)
         rows.append(rates)
     print(f"\nDefault GLOW on digits ({args.levels} levels x {args.steps} steps, {args.hidden} hidden, num_blocks=1), "
-          f"batch {args.batch}, XLA Adam step, {os.cpu_count()} cores; before = {before}\n")
+          f"batch {args.batch}, {_mode(args)} Adam step, {os.cpu_count()} cores; before = {before}\n")
     print("| round | before steps/s | after steps/s | speed-up | load (1 min) |")
     print("|---|---:|---:|---:|---:|")
     for r, rates in enumerate(rows):
@@ -180,6 +186,8 @@ def main():
     p.add_argument("--compare-with", default=None, metavar="DIR",
                    help="another copy of the repository: time the default GLOW with its tfp_nvp and with this one")
     p.add_argument("--compare-rounds", type=int, default=2)
+    p.add_argument("--no-xla", action="store_true",
+                   help="time tf.function steps without XLA (TensorFlow's oneDNN convolutions on x86 CPUs)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -198,7 +206,8 @@ def main():
         if isinstance(flow.bijector, tfb.Bijector) and label.startswith("tfp_nvp"):
             tfp_nvp.initialize(flow, images.dequantize(data["train"][:512], LEVELS, seed=(args.seed, 0)))
         n_params = sum(int(np.prod(v.shape)) for v in flow.trainable_variables)
-        rate = steps_per_second(make_step(flow, args.lr), data["train"], args.batch, args.speed_steps)
+        rate = steps_per_second(make_step(flow, args.lr, not args.no_xla), data["train"], args.batch,
+                                args.speed_steps)
         rows.append([label, n_params, rate])
     reference = rows[0][2]
     flow = ours(args, 1)
@@ -207,7 +216,7 @@ def main():
     rows.append(["tfp_nvp.glow default via FlowModel.fit", rows[-1][1], fit_rate])
 
     print(f"\nGLOW on digits, {args.levels} levels x {args.steps} steps, {args.hidden} hidden channels, "
-          f"batch {args.batch}, XLA, {os.cpu_count()} cores\n")
+          f"batch {args.batch}, {_mode(args)}, {os.cpu_count()} cores\n")
     print("| model | parameters | steps/s | vs tfb.Glow |")
     print("|---|---:|---:|---:|")
     for label, n, rate in rows:
