@@ -9,7 +9,7 @@ scoring), and appends one JSON line to `--out`:
     python benchmarks/two_moons_recipes.py --name c12 --seeds 0 num_coupling_layers=12
 
 Overrides are `key=value` with a Python literal value: the recipe's own keys (`learning_rate`, `epochs`,
-`jit_compile`, `warmup`, `clipnorm`, `batch_size`, `steps_per_execution`) or the flow builder's
+`jit_compile`, `warmup`, `clipnorm`, `batch_size`, `steps_per_execution`, `validation_split`) or the flow builder's
 (`num_coupling_layers`, `hidden_units`, ...). Every seed runs in its own process, one after another.
 """
 
@@ -25,7 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # Recipe entries `examples/two_moons.py`'s train() reads when present; anything else goes to the flow builder.
-TRAINING_KEYS = ("learning_rate", "epochs", "jit_compile", "warmup", "clipnorm", "batch_size", "steps_per_execution")
+TRAINING_KEYS = ("learning_rate", "epochs", "jit_compile", "warmup", "clipnorm", "batch_size", "steps_per_execution",
+                 "validation_split")
 
 
 def run_one(name: str, seed: int, overrides: list[str], flow: str) -> dict:
