@@ -5,7 +5,7 @@ warmup-and-cosine learning-rate schedule. Three flow families, each with the rec
 (benchmarks/README.md has the sweeps); the RealNVP recipe trains on all 3000 points for a fixed budget, the
 others hold 10% out for early stopping.
 
-    python examples/two_moons.py                     # RealNVP (affine couplings): about a minute on 2 CPU cores
+    python examples/two_moons.py                     # RealNVP (affine couplings): under a minute on 2 CPU cores
     python examples/two_moons.py --flow spline       # rational-quadratic spline couplings
     python examples/two_moons.py --flow ffjord       # continuous flow (ODE solves: several minutes)
     python examples/two_moons.py --epochs 50 --output-dir /tmp/moons

@@ -65,15 +65,13 @@ def test_outputs_are_one_split_of_the_head(make, x_shape, widths):
     x = tf.random.stateless_normal([2, *x_shape[1:]], seed=[0, 4])
     first, second = net(x)
     assert (first.shape[-1], second.shape[-1]) == widths
-    head = net._head if isinstance(net, ConvResNet) else None
-    if head is not None:  # the split is of the head's output, in order
-        stem = net._stem(x)
-        h = stem
-        for conv_a, conv_b in net._blocks:
-            h = h + conv_b(keras.ops.relu(conv_a(keras.ops.relu(h))))
-        full = head(keras.ops.relu(h))
-        np.testing.assert_allclose(first, full[..., :3], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(second, full[..., 3:], rtol=1e-6, atol=1e-6)
+    # The halves are the head's channels in order: moving the head's bias of channel 0 moves only the first
+    # output's channel 0, and of channel 3 only the second output's channel 0.
+    (bias,) = [w for w in net.trainable_weights if tuple(w.shape) == (sum(widths),)]
+    bias.assign(bias + np.eye(sum(widths))[0] + 2 * np.eye(sum(widths))[3])
+    moved_first, moved_second = net(x)
+    np.testing.assert_allclose(moved_first - first, np.broadcast_to([1.0, 0, 0], first.shape), atol=1e-5)
+    np.testing.assert_allclose(moved_second - second, np.broadcast_to([2.0, 0], second.shape), atol=1e-5)
 
 
 @pytest.mark.parametrize("make,x_shape", [
