@@ -16,8 +16,8 @@ fresh moons: held-out NLL in nats per point, its gap to the exact entropy bound 
     `tf.Module` MLP conditioner (two 256-unit ReLU layers, linear shift and log-scale heads), trained with the
     book's optimizer and batch size by a `tf.function(jit_compile=True)` loop.
 (c) "ours", "spline", "ffjord": examples/two_moons.py's recipes for `--flow real_nvp / spline / ffjord`
-    (FlowModel.fit, validation split, early stopping, cosine decay; no XLA), each run for
-    `--seeds` seeds; the table gives the median NLL over seeds with min and max, and the median time.
+    (FlowModel.fit, cosine decay, no XLA; spline and FFJORD with a validation split and early stopping),
+    each run for `--seeds` seeds; the table gives the median NLL over seeds with min and max, and the median time.
 
 Learning curves for (c): at every epoch end a callback scores the held-out NLL of a fixed subsample of
 `--curve-points` test points (default 5000) and stamps it with the training seconds so far; the time spent

@@ -41,7 +41,7 @@ from tfp_nvp.data import moons_entropy, two_moons  # noqa: E402
 # stopped improving by epoch ~110 of 260 at this rate; 170 epochs of cosine decay fit the minute.
 # At this rate single runs swing by +-0.03 nats with the seed (and even with float rounding: XLA or not); a 5%
 # warmup and clipping each gradient's norm to 1 gave the best median of the variants measured over three seeds.
-# Holding 10% out for early stopping did not pay either: trained on all 3000 points for the fixed budget, the
+# Holding 10% out for early stopping did not pay: trained on all 3000 points for the fixed budget, the
 # median held-out NLL was 0.006 nats lower, and 1.20 came about twice as soon (the validation pass costs a
 # second and a half of tracing and a fifth of every later epoch).
 # XLA does not pay here: these steps are too small for its fusion to win back its compile time (measured:

@@ -356,7 +356,7 @@ class FlowModel(keras.Model):
             val = tf.data.Dataset.from_tensor_slices(val).batch(val_batch).repeat()
         # No tf.data autotuning: these pipelines have nothing to tune (a fixed prefetch, no parallel maps), and
         # the autotuner's background thread held the iterator's destruction when `fit` returned for up to its
-        # optimization period (measured: 15-18 s after a 25 s two-moons run, in about half of the runs).
+        # optimization period (measured: 15-18 s after a 25 s two-moons run, in about one run in five).
         ds, val = (None if d is None else d.with_options(_NO_AUTOTUNE) for d in (ds, val))
         return super().fit(ds, epochs=epochs, verbose=verbose, callbacks=callbacks, validation_data=val,
                            shuffle=False, steps_per_epoch=train_steps, validation_steps=val_steps, **kwargs)
