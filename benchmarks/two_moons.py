@@ -301,7 +301,8 @@ def main():
         args.epochs_book = args.epochs_tfp = args.epochs_ours = 3
         args.seeds = 1
     seeds = [args.seed + i for i in range(args.seeds)]
-    recipes = load_example().RECIPES
+    example = load_example()
+    recipes = example.RECIPES
 
     x = two_moons(3000, seed=args.seed)
     x_test = two_moons(20_000, seed=args.seed + 10_000)
@@ -317,7 +318,9 @@ def main():
     }
     for key, flow in (("ours", "real_nvp"), ("spline", "spline"), ("ffjord", "ffjord")):
         epochs = args.epochs_ours or recipes[flow]["epochs"]
-        runs[key] = (f"tfp_nvp `--flow {flow}` (max {epochs} epochs, early stopping; median of {len(seeds)} seeds)",
+        stopping = ("max {} epochs, early stopping" if recipes[flow].get("validation_split", example.VALIDATION_SPLIT)
+                    else "{} epochs").format(epochs)
+        runs[key] = (f"tfp_nvp `--flow {flow}` ({stopping}; median of {len(seeds)} seeds)",
                      lambda key=key, flow=flow, epochs=epochs: run_seeds(
                          x, x_test, epochs, seeds, flow, x_curve, curves.setdefault(key, [])))
     results = {}
