@@ -199,6 +199,39 @@ def test_traced_log_prob_runs_the_network_once_with_eager_values():
     np.testing.assert_allclose(traced, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_couplings_share_one_traced_spline_and_xla_gets_it_inline():
+    flow = tfp_nvp.spline_flow([2], num_coupling_layers=4, hidden_units=(8,), num_bins=4, bound=BOUND, seed=0)
+    y = tf.constant(np.random.default_rng(1).normal(size=(16, 2)), tf.float32)
+    flow.log_prob(y)  # builds the networks
+    for i, w in enumerate(flow.trainable_variables):
+        w.assign(tf.random.stateless_normal(w.shape, (i, 0), stddev=0.3))
+
+    def step(y):
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_mean(flow.log_prob(y))
+        return loss, tape.gradient(loss, flow.trainable_variables)
+
+    def calls(graph):
+        return [op.get_attr("f").name for op in graph.get_operations()
+                if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+
+    plain = tf.function(step).get_concrete_function(y)
+    called = calls(plain.graph)
+    # Four couplings' splines and their gradients: one function each, called four times.
+    assert len(called) == 8 and len(set(called)) == 2, called
+    xla = tf.function(step, jit_compile=True).get_concrete_function(y)
+    assert calls(xla.graph) == []
+    assert len(xla.graph.get_operations()) > 4 * len(plain.graph.get_operations())
+
+    (loss, grads), (loss_x, grads_x) = plain(y), xla(y)
+    eager_loss, eager_grads = step(y)
+    np.testing.assert_allclose(loss, eager_loss, rtol=1e-6)
+    np.testing.assert_allclose(loss_x, eager_loss, rtol=1e-5)
+    for g, gx, ge in zip(grads, grads_x, eager_grads):
+        np.testing.assert_allclose(g, ge, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(gx, ge, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_bins=0), "`num_bins`"), (dict(num_bins=1), "`num_bins`"), (dict(num_bins="8"), "`num_bins`"),
     (dict(num_bins=2.5), "`num_bins`"), (dict(num_bins=True), "`num_bins`"),
