@@ -339,6 +339,30 @@ def test_batch_shape_is_scalar():
     assert flow.batch_shape == [] and flow.event_shape == [4, 4, 2]
 
 
+@pytest.mark.parametrize("builder", [
+    lambda: tfp_nvp.real_nvp([2], 3, hidden_units=(8,), seed=0),
+    lambda: tfp_nvp.spline_flow([2], num_coupling_layers=2, hidden_units=(8,), num_bins=4, seed=0),
+    lambda: tfp_nvp.glow([4, 4, 2], num_levels=1, num_steps_per_level=2, hidden_channels=4, seed=0),
+], ids=["real_nvp", "spline_flow", "glow"])
+def test_eager_results_follow_weight_updates_for_the_same_tensors(builder):
+    """TFP caches results per input tensor; an eager call after a weight update must not get the old ones."""
+    flow = builder()
+    shape = [16, *flow.event_shape]
+    y = tf.constant(np.random.default_rng(1).uniform(0.05, 0.95, size=shape), tf.float32)  # in GLOW's (0, 1)
+    z = tf.constant(np.random.default_rng(2).normal(size=shape), tf.float32)
+    before = flow.log_prob(y).numpy()
+    x = flow.bijector.forward(z)  # held across the update, as a sample kept for a later figure would be
+    for i, w in enumerate(flow.trainable_variables):
+        w.assign(w + tf.random.stateless_normal(w.shape, (i, 0), stddev=0.2))
+    after, after_fresh = flow.log_prob(y).numpy(), flow.log_prob(tf.identity(y)).numpy()
+    assert np.abs(after - before).max() > 1e-2  # the update changed the density
+    np.testing.assert_allclose(after, after_fresh, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(flow.bijector.inverse(x), flow.bijector.inverse(tf.identity(x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(flow.bijector.inverse_log_det_jacobian(x, len(flow.event_shape)),
+                               flow.bijector.inverse_log_det_jacobian(tf.identity(x), len(flow.event_shape)),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_traced_log_prob_runs_each_network_once_with_unchanged_values_and_gradients():
     """Inside tf.function the log-scale from `_inverse` is reused for the log-det; eager calls never reuse it."""
     calls = []
@@ -358,7 +382,7 @@ def test_traced_log_prob_runs_each_network_once_with_unchanged_values_and_gradie
     with tf.GradientTape() as tape:
         eager_loss = loss()
     eager_grads = tape.gradient(eager_loss, dense.trainable_variables)
-    assert len(calls) == 2  # eager: inverse and the log-det each evaluate the network
+    assert len(calls) == 3  # eager: no cache, so both inverses and the log-det each evaluate the network
 
     @tf.function
     def traced():

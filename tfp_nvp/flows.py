@@ -11,7 +11,7 @@ import tensorflow_probability as tfp
 # are not); subclassing the public class would make the flow a CompositeTensor that cannot build its type spec.
 from tensorflow_probability.python.distributions.transformed_distribution import _TransformedDistribution
 
-from tfp_nvp.bijectors._base import as_shape, check_dtype, check_event
+from tfp_nvp.bijectors._base import as_shape, cache_in_traces_only, check_dtype, check_event
 from tfp_nvp.bijectors.actnorm import ActNorm
 from tfp_nvp.bijectors.conditional_affine import ConditionalAffine
 from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
@@ -66,6 +66,7 @@ class _Flow(_TransformedDistribution):
     def __init__(self, distribution, bijector, support=None, validate_args=False, name=None):
         parameters = dict(locals())
         self._support = support
+        cache_in_traces_only(bijector)
         super().__init__(distribution, bijector, validate_args=validate_args, parameters=parameters, name=name)
 
     @classmethod

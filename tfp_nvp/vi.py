@@ -19,6 +19,8 @@ import tensorflow_probability as tfp
 # see tfp_nvp/flows.py.
 from tensorflow_probability.python.distributions.transformed_distribution import _TransformedDistribution
 
+from tfp_nvp.bijectors._base import cache_in_traces_only
+
 tfb, tfd = tfp.bijectors, tfp.distributions
 _Pinned = tfp.experimental.distributions.JointDistributionPinned
 
@@ -192,8 +194,9 @@ class _FlowSurrogate(_TransformedDistribution):
         self._flow = flow
         self._outer = outer
         self._num_latent_dims = num_latent_dims
-        super().__init__(flow.distribution, tfb.Chain([outer, flow.bijector], name=f"{name}_transport"),
-                         validate_args=validate_args, parameters=parameters, name=name)
+        transport = tfb.Chain([outer, flow.bijector], name=f"{name}_transport")
+        cache_in_traces_only(transport)
+        super().__init__(flow.distribution, transport, validate_args=validate_args, parameters=parameters, name=name)
 
     @classmethod
     def _parameter_properties(cls, dtype, num_classes=None):

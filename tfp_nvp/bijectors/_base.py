@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
+from tensorflow_probability.python.internal import cache_util  # the cache TFP bijectors use, to subclass it
 
 __all__ = ["KerasParameterizedBijector", "NetworkContract", "ParameterLayer", "as_float_dtype", "as_shape",
            "assert_finite", "check_dtype", "check_event"]
@@ -205,6 +206,41 @@ def _backing_variables(layers: Iterable) -> list[tf.Variable]:
     return found
 
 
+class _TracedOnlyCache(cache_util.BijectorCache):
+    """TFP's bijector cache, consulted only while tracing.
+
+    TFP caches a bijector's results per input tensor: an output while the caller holds it, and a log-det for
+    as long as the caller holds the input. Eagerly, that outlives a weight update: `flow.log_prob(x)` for one
+    `x` tensor before and after training returned the old log-det (TFP's own bijectors over `tf.Variable`s
+    behave the same). Inside a traced function every call builds fresh tensors that read the weights when the
+    function runs, so the cache there is exact, and it is where it saves work (a coupling's network once per
+    traced step).
+    """
+
+    def _lookup(self, input, forward_name, inverse_name, **kwargs):  # noqa: A002 (TFP's signature)
+        if tf.executing_eagerly():
+            return self._invoke(input, forward_name, kwargs, {})
+        return super()._lookup(input, forward_name, inverse_name, **kwargs)
+
+    def _attributes(self, input, fn_name, **kwargs):  # noqa: A002
+        if tf.executing_eagerly():
+            return {}
+        return super()._attributes(input, fn_name, **kwargs)
+
+
+def cache_in_traces_only(bijector) -> None:
+    """Give `bijector` and every bijector nested in it (chains, `tfb.Invert`, ...) the traced-only cache.
+
+    This package's bijectors choose their own cache (this one, except the autoregressive layers, whose
+    scoring of their own samples relies on TFP's); the TFP containers a flow is built from cache too, and a
+    chain keeps `inverse(x)` for as long as the caller holds `x` (a sample kept for a later plot), across a
+    weight update. The builders' flows and the surrogates of `tfp_nvp.vi` call this on their bijector.
+    """
+    for b in (bijector, *bijector.submodules):
+        if isinstance(b, tfb.Bijector) and not isinstance(b, KerasParameterizedBijector):
+            b._cache = _TracedOnlyCache(bijector=b, bijector_class=type(b))
+
+
 class KerasParameterizedBijector(tfb.Bijector):
     """Base for bijectors that keep their parameters in Keras 3 layers.
 
@@ -216,6 +252,8 @@ class KerasParameterizedBijector(tfb.Bijector):
       `tf.Variable` of every Keras weight is stored in a plain list attribute. `tfb.Chain`,
       `tfd.TransformedDistribution`, `tf.train.Checkpoint` and `tfp.vi` then see them too.
     """
+
+    _cache = _TracedOnlyCache()
 
     def _track_layers(self, layers: Sequence) -> None:
         self._keras_layers = list(layers)
