@@ -2,7 +2,7 @@
 
     python examples/digits_glow.py                  # defaults: the configuration the README quotes
     python examples/digits_glow.py --minutes 2      # a shorter run
-    python examples/digits_glow.py --coupling spline   # spline couplings in place of the affine ones
+    python examples/digits_glow.py --coupling spline   # spline couplings (16 hidden channels) for the affine ones
 
 Writes to --output-dir (default outputs/digits_glow/): samples at temperatures 0.5 / 0.7 / 1.0, an
 interpolation strip, training curves, and the most / least likely test digits.
@@ -34,7 +34,8 @@ def parse_args():
     p.add_argument("--minutes", type=float, default=8.0, help="training time budget (stops after the epoch)")
     p.add_argument("--levels", type=int, default=2, help="GLOW levels")
     p.add_argument("--steps", type=int, default=4, help="flow steps per level")
-    p.add_argument("--hidden", type=int, default=64, help="hidden channels of the coupling networks")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="hidden channels of the coupling networks (default: 64 for affine, 16 for spline couplings)")
     p.add_argument("--coupling", choices=["affine", "spline"], default="affine",
                    help="affine couplings, or rational-quadratic spline couplings (8 bins on [-4, 4])")
     p.add_argument("--batch-size", type=int, default=64)
@@ -67,8 +68,18 @@ def grid(ax_rows, imgs, title=None):
         ax_rows[0].set_title(title, loc="left", fontsize=9)
 
 
+# Measured on this split (one run each, early stopping): spline couplings overfit the 1237 training digits at
+# 64 hidden channels (training 1.73 bits/dim against 2.14 on validation; test 2.132) and do best narrow (32:
+# 2.105, 16: 2.079 and, seed 1, 2.046); affine couplings do not gain from it (16: 2.227, 64: 2.211).
+DEFAULT_HIDDEN = {"affine": 64, "spline": 16}
+
+
 def main():
     args = parse_args()
+    if args.hidden is None:
+        args.hidden = DEFAULT_HIDDEN[args.coupling]
+    if args.hidden <= 0:
+        raise SystemExit(f"--hidden must be a positive number of channels; got {args.hidden}")
     os.makedirs(args.output_dir, exist_ok=True)
     keras.utils.set_random_seed(args.seed)
     data = images.load_digits_splits(num_validation=200, seed=args.seed)
