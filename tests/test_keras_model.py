@@ -283,7 +283,7 @@ def test_sample_count_must_be_a_non_negative_integer(n):
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_fit_pipelines_run_without_tf_data_autotuning(shuffle, monkeypatch):
     # The autotuner's background thread held the input iterator's destruction when `fit` returned, for up to
-    # its optimization period (15-18 s after a 25 s run, about every other run): FlowModel's own pipelines,
+    # its optimization period (15-18 s after a 25 s run, in about one run in five): FlowModel's own pipelines,
     # training and validation, have nothing to tune and switch it off.
     seen = {}
     keras_fit = keras.Model.fit
