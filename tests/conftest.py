@@ -44,6 +44,18 @@ def randomize_variables(module, seed: int, scale: float = 1.0) -> None:
         v.assign(rng.normal(0.0, std, size=shape).astype(v.dtype.as_numpy_dtype))
 
 
+@pytest.fixture(autouse=True)
+def _same_global_random_state():
+    """Every test starts from one global random state, whichever tests ran before it in its process.
+
+    The suite runs on pytest-xdist workers (setup.cfg), which receive the test files in no fixed order; a network
+    built without a seed would otherwise draw different weights from run to run.
+    """
+    import keras
+
+    keras.utils.set_random_seed(20240)
+
+
 @pytest.fixture(scope="session")
 def randomize():
     """The `randomize_variables` helper, as a fixture so test modules need not import conftest."""
@@ -153,6 +165,22 @@ class PropertyRecorder:
         lines.append(f"{'largest':<{width}}{sum(self.configs.values()):>8}" + "".join(f"{w:>{cell}.1e}" for w in worst))
         return lines
 
+    def state(self) -> dict:
+        """What a pytest-xdist worker sends back to the controller (plain lists: execnet's serialisable types)."""
+        return {"configs": list(self.configs.items()),
+                "errors": [[subject, prop, count, worst] for (subject, prop), (count, worst) in self.errors.items()],
+                "tolerances": list(self.tolerances.items())}
+
+    def merge(self, state: dict) -> None:
+        """Adds a worker's `state()` to this recorder: counts add up, the largest errors and tolerances win."""
+        for subject, count in state["configs"]:
+            self.configs[subject] = self.configs.get(subject, 0) + count
+        for subject, prop, count, worst in state["errors"]:
+            old_count, old_worst = self.errors.get((subject, prop), (0, 0.0))
+            self.errors[(subject, prop)] = (old_count + count, max(old_worst, worst))
+        for prop, tolerance in state["tolerances"]:
+            self.tolerances[prop] = max(tolerance, self.tolerances.get(prop, 0.0))
+
 
 _PROPERTY_RECORDER = PropertyRecorder()
 
@@ -161,6 +189,21 @@ _PROPERTY_RECORDER = PropertyRecorder()
 def property_recorder():
     """The session's `PropertyRecorder`; its table is printed in pytest's terminal summary."""
     return _PROPERTY_RECORDER
+
+
+# The suite runs on pytest-xdist workers (setup.cfg's addopts): each worker fills its own recorder and hands it
+# to the controller, which prints the one table.
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["property_recorder"] = _PROPERTY_RECORDER.state()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    state = getattr(node, "workeroutput", {}).get("property_recorder")
+    if state:
+        _PROPERTY_RECORDER.merge(state)
 
 
 def pytest_terminal_summary(terminalreporter):
