@@ -41,7 +41,8 @@ def randomize_variables(module, seed: int, scale: float = 1.0) -> None:
             std = scale / np.sqrt(np.prod(shape[:-1]))
         else:
             std = scale / 2
-        v.assign(rng.normal(0.0, std, size=shape).astype(v.dtype.as_numpy_dtype))
+        dtype = getattr(v.dtype, "as_numpy_dtype", v.dtype)  # a Keras variable's dtype is a string
+        v.assign(rng.normal(0.0, std, size=shape).astype(dtype))
 
 
 @pytest.fixture(autouse=True)

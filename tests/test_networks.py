@@ -283,3 +283,38 @@ def test_fused_towers_keras_file_round_trip(tmp_path):
     # Both doors of the reloaded flow see every fused weight.
     tfp_side = {id(v) for v in loaded.distribution.trainable_variables}
     assert tfp_side == {id(w.value) for w in loaded.trainable_weights}
+
+
+# ------------------------------------------------------------------------------------ small images under XLA
+def _conv_ops(fn, *args):
+    return sum(op.type == "Conv2D" for op in fn.get_concrete_function(*args).graph.get_operations())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_small_image_convolutions_under_xla_equal_the_conv_layers(dtype, randomize):
+    """On images smaller than the 3x3 window the residual blocks' convolutions run as a matmul under XLA only,
+    with the values and gradients of the Conv2D layers they replace."""
+    net = ConvResNet(hidden_channels=6, num_blocks=2, output_channels=3, seed=0, dtype=dtype)
+    x = tf.random.stateless_normal([5, 2, 2, 4], seed=[3, 4], dtype=dtype)
+    c = tf.random.stateless_normal([5, 2], seed=[5, 6], dtype=dtype)
+    net(x, conditional_input=c)
+    randomize(net, seed=0)  # the head is zero-initialised: give every weight a value
+
+    def value_and_grads(x, c):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            shift, log_scale = net(x, conditional_input=c)
+            loss = tf.reduce_sum(tf.tanh(shift) * log_scale)
+        return (shift, log_scale), tape.gradient(loss, [x, *net.trainable_weights])
+
+    plain, xla = tf.function(value_and_grads), tf.function(value_and_grads, jit_compile=True)
+    # stem + head + two blocks of (3x3, 1x1) = 6 convolutions; under XLA the blocks' 3x3 ones become matmuls.
+    assert _conv_ops(plain, x, c) == 6 and _conv_ops(xla, x, c) == 4
+    big = tf.zeros([5, 4, 4, 4], dtype)
+    assert _conv_ops(xla, big, tf.zeros([5, 2], dtype)) == 6  # 4x4 images keep XLA's convolution
+    eager_out, eager_grads = value_and_grads(x, c)
+    xla_out, xla_grads = xla(x, c)
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    for got, want in zip([*xla_out, *xla_grads], [*eager_out, *eager_grads]):
+        assert np.abs(want.numpy()).max() > 0
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)

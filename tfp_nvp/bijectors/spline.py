@@ -9,9 +9,9 @@ from typing import Callable, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util  # GraphOrParentsInXlaContext, see _in_xla_context
 from tensorflow_probability import bijectors as tfb
 
+from tfp_nvp._xla import in_xla_context
 from tfp_nvp.bijectors.coupling import _Coupling
 
 __all__ = ["SplineCoupling"]
@@ -33,16 +33,11 @@ def _rq_spline_ops(flat, widths, heights, knot_slopes, bound, inverse, with_outp
 # identical shapes. As one traced function, the spline and its gradient are built once per shape and dtype and
 # called by every coupling, instead of being rebuilt in each: the two-moons spline recipe's first epoch (its
 # training and validation traces) fell from 28-31 s to 16-17 s, and later epochs got faster too (fewer graph
-# nodes to schedule).
+# nodes to schedule). XLA must not see the shared function: a digits GLOW with spline couplings under
+# `jit_compile=True` took 107 s instead of 15 s for its first epoch and 150 s instead of 0.24 s for the next
+# (measured). Inside a jit-compiled trace (`in_xla_context()`) the spline's ops are written inline, as XLA
+# compiles the whole step anyway.
 _rq_spline = tf.function(_rq_spline_ops, autograph=False, reduce_retracing=True)
-
-
-def _in_xla_context() -> bool:
-    # XLA must not see the shared function: a digits GLOW with spline couplings under `jit_compile=True` took
-    # 107 s instead of 15 s for its first epoch and 150 s instead of 0.24 s for the next (measured). Inside a
-    # jit-compiled trace the spline's ops are written inline, as XLA compiles the whole step anyway. TensorFlow
-    # has no public test for "this trace will be XLA-compiled"; this is the one its own control flow uses.
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def _check_real(value, name: str, low: float | None = None, high: float | None = None,
@@ -193,7 +188,7 @@ class SplineCoupling(_Coupling):
         b = tf.broadcast_to(b, tf.shape(params[0])[:-1])
         widths, heights, knot_slopes = (tf.reshape(p, [-1, p.shape[-1]]) for p in params)
         flat = tf.reshape(b, [-1])
-        spline = _rq_spline_ops if _in_xla_context() else _rq_spline
+        spline = _rq_spline_ops if in_xla_context() else _rq_spline
         out, log_det = spline(flat, widths, heights, knot_slopes, self._bound, inverse, with_output)
         shape = tf.shape(b)
         log_det = tf.reshape(log_det, shape)
