@@ -35,6 +35,7 @@ ROOT = HERE.parent
 # Run order: cheap and self-contained first, so a quick run reports most of the picture early.
 BENCHMARKS = {
     "fit_speed": "fit_speed.py",
+    "conv_xla": "conv_xla.py",
     "two_moons": "two_moons.py",
     "distribute": "distribute.py",
     "throughput": "throughput.py",
