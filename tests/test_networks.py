@@ -290,12 +290,12 @@ def _conv_ops(fn, *args):
     return sum(op.type == "Conv2D" for op in fn.get_concrete_function(*args).graph.get_operations())
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_small_image_convolutions_under_xla_equal_the_conv_layers(dtype, randomize):
-    """On images smaller than the 3x3 window the residual blocks' convolutions run as a matmul under XLA only,
-    with the values and gradients of the Conv2D layers they replace."""
-    net = ConvResNet(hidden_channels=6, num_blocks=2, output_channels=3, seed=0, dtype=dtype)
-    x = tf.random.stateless_normal([5, 2, 2, 4], seed=[3, 4], dtype=dtype)
+@pytest.mark.parametrize("dtype,kernel_size,side", [("float32", 3, 2), ("float64", 3, 2), ("float64", 4, 3)])
+def test_small_image_convolutions_under_xla_equal_the_conv_layers(dtype, kernel_size, side, randomize):
+    """On images smaller than the kernel window the residual blocks' convolutions run as a matmul under XLA only,
+    with the values and gradients of the Conv2D layers they replace (an even kernel is padded as 'same' pads)."""
+    net = ConvResNet(hidden_channels=6, num_blocks=2, output_channels=3, kernel_size=kernel_size, seed=0, dtype=dtype)
+    x = tf.random.stateless_normal([5, side, side, 4], seed=[3, 4], dtype=dtype)
     c = tf.random.stateless_normal([5, 2], seed=[5, 6], dtype=dtype)
     net(x, conditional_input=c)
     randomize(net, seed=0)  # the head is zero-initialised: give every weight a value
@@ -308,10 +308,10 @@ def test_small_image_convolutions_under_xla_equal_the_conv_layers(dtype, randomi
         return (shift, log_scale), tape.gradient(loss, [x, *net.trainable_weights])
 
     plain, xla = tf.function(value_and_grads), tf.function(value_and_grads, jit_compile=True)
-    # stem + head + two blocks of (3x3, 1x1) = 6 convolutions; under XLA the blocks' 3x3 ones become matmuls.
+    # stem + head + two blocks of (k x k, 1x1) = 6 convolutions; under XLA the blocks' k x k ones become matmuls.
     assert _conv_ops(plain, x, c) == 6 and _conv_ops(xla, x, c) == 4
-    big = tf.zeros([5, 4, 4, 4], dtype)
-    assert _conv_ops(xla, big, tf.zeros([5, 2], dtype)) == 6  # 4x4 images keep XLA's convolution
+    big = tf.zeros([5, kernel_size + 1, kernel_size + 1, 4], dtype)
+    assert _conv_ops(xla, big, tf.zeros([5, 2], dtype)) == 6  # images as large as the window keep XLA's convolution
     eager_out, eager_grads = value_and_grads(x, c)
     xla_out, xla_grads = xla(x, c)
     tol = 1e-10 if dtype == "float64" else 1e-4

@@ -318,8 +318,8 @@ class ConvResNet(keras.layers.Layer):
             return conv(x)
         if not conv.built:
             conv.build(x.shape)
-        pad = k // 2
-        padded = ops.pad(x, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+        before = (k - 1) // 2  # where TensorFlow's 'same' puts it: an even k's extra row and column go after
+        padded = ops.pad(x, [(0, 0), (before, k - 1 - before), (before, k - 1 - before), (0, 0)])
         shifted = [padded[:, i:i + height, j:j + width, :] for i in range(k) for j in range(k)]
         kernel = ops.reshape(conv.kernel, (k * k * x.shape[-1], conv.filters))
         return ops.matmul(ops.concatenate(shifted, axis=-1), kernel) + conv.bias
