@@ -79,13 +79,14 @@ def main():
         variables = [conv.kernel, conv.bias]
         tf_kernel = ms_per_call(conv, x, variables, False, args.calls, args.rounds)
         xla = ms_per_call(conv, x, variables, True, args.calls, args.rounds)
+        small = side < 3  # smaller than the window: where ConvResNet may take the matmul path
         path = (ms_per_call(lambda t: net._spatial_conv(conv, t), x, variables, True, args.calls, args.rounds)
-                if side < 3 else float("nan"))
+                if small else None)
         # ConvResNet sends only its residual blocks' 3x3 convolutions through the path (see its docstring).
-        uses = "matmul" if (side < 3 and "residual" in role) else "Conv2D"
+        uses = "matmul" if small and "residual" in role else "Conv2D"
         rows.append(dict(image=f"{side}x{side}", channels=f"{c_in} -> {c_out}", role=role, tf_ms=tf_kernel,
-                         xla_ms=xla, matmul_xla_ms=path if side < 3 else None, convresnet_uses=uses))
-        print(f"  {role}: TF kernel {tf_kernel:.2f}, XLA {xla:.2f}, matmul {path:.2f} ms", flush=True)
+                         xla_ms=xla, matmul_xla_ms=path, convresnet_uses=uses))
+        print(f"  {role}: TF kernel {tf_kernel:.2f}, XLA {xla:.2f}, matmul {path} ms", flush=True)
 
     print(f"\n3x3 'same' convolution, forward + backward, batch {args.batch}, ms per call (best of {args.rounds} "
           f"rounds of {args.calls}); load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")

@@ -52,7 +52,7 @@ def _same_global_random_state():
     The suite runs on pytest-xdist workers (setup.cfg), which receive the test files in no fixed order; a network
     built without a seed would otherwise draw different weights from run to run.
     """
-    import keras
+    import keras  # imported after the CPU was split into two logical devices above, as every test module is
 
     keras.utils.set_random_seed(20240)
 
