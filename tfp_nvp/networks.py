@@ -246,6 +246,9 @@ class ConvResNet(keras.layers.Layer):
     A 3x3 input convolution, `num_blocks` residual blocks (ReLU-3x3-ReLU-1x1, no batch norm: batch statistics
     would make `forward` and `inverse` disagree between training and inference), ReLU, then a zero-initialised
     3x3 head. A vector `conditional_input` is broadcast over H, W and concatenated to the input channels.
+    Inside an XLA-compiled function, a residual block's convolution of an image smaller than its kernel window
+    (GLOW's last level on 8x8 digits: 2x2) runs as a matmul over shifted copies of the image, which XLA's CPU
+    backend computes about 4x faster; the weights and the result are those of the `Conv2D` layer.
 
     Example:
       >>> net = ConvResNet(hidden_channels=32, num_blocks=1, output_channels=2)
