@@ -16,12 +16,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 from keras import layers, ops
-# FFJORD computes a map and its log-determinant in one ODE solve; this cache stores the log-determinant the
-# solve returns, so a `log_prob` (inverse, then its log-det) integrates once instead of twice.
-from tensorflow_probability.python.internal import cache_util
 
 from tfp_nvp import flows
-from tfp_nvp.bijectors._base import KerasParameterizedBijector, as_float_dtype, as_shape
+from tfp_nvp.bijectors._base import KerasParameterizedBijector, as_float_dtype, as_shape, one_call, traced_only_cache
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -147,9 +144,9 @@ class FFJORDFlow(KerasParameterizedBijector):
       seed: seed for the Hutchinson noise (a reproducible sequence of draws); `None` draws from fresh entropy.
     """
 
-    # FFJORD computes the map and its log-det in one solve; TFP's greedy cache keeps the log-det with the output.
-    _cache = cache_util.BijectorCacheWithGreedyAttrs(forward_name="_augmented_forward",
-                                                     inverse_name="_augmented_inverse")
+    # FFJORD computes the map and its log-det in one solve; the cache keeps the log-det with the output (while
+    # tracing, or within one eager scoring call: never across a weight update).
+    _cache = traced_only_cache("_augmented_forward", "_augmented_inverse", greedy=True)
 
     def __init__(self, event_shape, network, trace: str = "exact", hutchinson_samples: int = 1,
                  atol: float = 1e-5, rtol: float = 1e-5, solver: str = "dormand_prince", final_time: float = 1.0,
@@ -246,12 +243,14 @@ class FFJORDFlow(KerasParameterizedBijector):
         value = self._check_event(value, "x" if direction == "forward" else "y")
         batch = tf.shape(value)[:-1]
         flat = tf.reshape(value, [-1, self._event_shape_[0]])
-        if direction == "forward":
-            out = self._ffjord.forward(flat)
-            log_det = self._ffjord.forward_log_det_jacobian(flat, event_ndims=1)
-        else:
-            out = self._ffjord.inverse(flat)
-            log_det = self._ffjord.inverse_log_det_jacobian(flat, event_ndims=1)
+        # TFP's FFJORD returns the log-det from the solve that gave the output; its cache hands it over.
+        with one_call():
+            if direction == "forward":
+                out = self._ffjord.forward(flat)
+                log_det = self._ffjord.forward_log_det_jacobian(flat, event_ndims=1)
+            else:
+                out = self._ffjord.inverse(flat)
+                log_det = self._ffjord.inverse_log_det_jacobian(flat, event_ndims=1)
         return tf.reshape(out, tf.shape(value)), tf.reshape(log_det, batch)
 
     def _augmented_forward(self, x):

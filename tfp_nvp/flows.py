@@ -11,7 +11,7 @@ import tensorflow_probability as tfp
 # are not); subclassing the public class would make the flow a CompositeTensor that cannot build its type spec.
 from tensorflow_probability.python.distributions.transformed_distribution import _TransformedDistribution
 
-from tfp_nvp.bijectors._base import as_shape, cache_in_traces_only, check_dtype, check_event
+from tfp_nvp.bijectors._base import as_shape, cache_in_traces_only, check_dtype, check_event, one_call
 from tfp_nvp.bijectors.actnorm import ActNorm
 from tfp_nvp.bijectors.conditional_affine import ConditionalAffine
 from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
@@ -74,7 +74,18 @@ class _Flow(_TransformedDistribution):
         # `support` is a parameter-free bijector of the architecture: the batchable parts are the parent's.
         return _TransformedDistribution._parameter_properties(dtype, num_classes=num_classes)
 
+    # TFP's log_prob runs the flow's inverse and then asks for its log-det at the same tensors; `one_call` lets
+    # eager calls reuse those results as traced ones do (one network pass, not two or more), and forgets them
+    # when the call returns.
     def _log_prob(self, x, **kwargs):
+        with one_call():
+            return self._checked_log_prob(x, **kwargs)
+
+    def _sample_and_log_prob(self, sample_shape, seed, **kwargs):
+        with one_call():
+            return super()._sample_and_log_prob(sample_shape, seed=seed, **kwargs)
+
+    def _checked_log_prob(self, x, **kwargs):
         check_dtype(f"{self.name}.log_prob", x, "x", self.dtype)
         # With validate_args the flow computes from the checked `x`, so no layer (an initialising ActNorm)
         # acts on data that fails a check.
@@ -102,7 +113,7 @@ class _Flow(_TransformedDistribution):
     def _log_prob_in_range(self, x, **kwargs):
         """The change of variables, `-inf` where finite `x` has a latent beyond the floating-point range."""
         # TFP's own inverse call inside the parent's log_prob finds this result in the bijector's cache (same
-        # tensor, same arguments), so the flow still runs once.
+        # tensor, same arguments; eagerly too, within `one_call`), so the flow still runs once.
         latent = self.bijector.inverse(x, **self._kwargs_split_fn(kwargs)[1])
         log_prob = super()._log_prob(x, **kwargs)
         finite_data = tf.reduce_all(tf.math.is_finite(x), axis=list(range(-self.event_shape.rank, 0)))

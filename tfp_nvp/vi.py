@@ -19,7 +19,7 @@ import tensorflow_probability as tfp
 # see tfp_nvp/flows.py.
 from tensorflow_probability.python.distributions.transformed_distribution import _TransformedDistribution
 
-from tfp_nvp.bijectors._base import cache_in_traces_only
+from tfp_nvp.bijectors._base import cache_in_traces_only, one_call
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 _Pinned = tfp.experimental.distributions.JointDistributionPinned
@@ -202,6 +202,15 @@ class _FlowSurrogate(_TransformedDistribution):
     def _parameter_properties(cls, dtype, num_classes=None):
         # The flow and the plumbing are fixed parts of the architecture: batchable parameters are the parent's.
         return _TransformedDistribution._parameter_properties(dtype, num_classes=num_classes)
+
+    # Eagerly as in a trace, a scoring call's bijector results are shared within it and dropped after it.
+    def _log_prob(self, x, **kwargs):
+        with one_call():
+            return super()._log_prob(x, **kwargs)
+
+    def _sample_and_log_prob(self, sample_shape, seed, **kwargs):
+        with one_call():
+            return super()._sample_and_log_prob(sample_shape, seed=seed, **kwargs)
 
     @property
     def flow(self) -> tfd.Distribution:

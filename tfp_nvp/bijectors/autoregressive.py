@@ -6,7 +6,6 @@ from typing import Callable, Sequence
 
 import keras
 import tensorflow as tf
-from tensorflow_probability.python.internal import cache_util
 
 from tfp_nvp.bijectors._base import (
     KerasParameterizedBijector,
@@ -16,6 +15,7 @@ from tfp_nvp.bijectors._base import (
     as_shape,
     assert_finite,
     check_dtype,
+    traced_only_cache,
 )
 from tfp_nvp.bijectors.coupling import _LOG_SIGMOID_2, LOG_SCALE_BOUNDS
 
@@ -47,8 +47,10 @@ class MaskedAutoregressive(KerasParameterizedBijector):
 
     MAF suits density estimation (training by maximum likelihood); IAF suits variational surrogates, which
     sample and score their own samples. Every call stores its log-determinant in TFP's bijector cache next to
-    its output, so `log_prob` of a sample the same bijector just produced costs no network call at all
-    (`tfd.TransformedDistribution.experimental_sample_and_log_prob`, `tfp.vi` losses). The sequential pass is a
+    its output, so scoring a sample the same bijector just produced costs no network call at all: inside one
+    traced function (`tfp.vi` losses, `fit`), and eagerly within one call such as
+    `experimental_sample_and_log_prob`. An eager `log_prob` of a sample drawn by an earlier eager call runs the
+    inverse again, so it reflects any weight update in between. The sequential pass is a
     `tf.while_loop` of `D` iterations, so graphs stay small; it runs eagerly, in `tf.function` and under XLA.
 
     The log-scale is bounded as in `tfp_nvp.AffineCoupling`: `"tanh"` gives `s = scale * tanh(h)` with a
@@ -71,9 +73,9 @@ class MaskedAutoregressive(KerasParameterizedBijector):
       >>> iaf = MaskedAutoregressive([3], direction="iaf")     # or InverseAutoregressive([3])
     """
 
-    # Forward and inverse return their log-determinant too; TFP stores it with the cached output.
-    _cache = cache_util.BijectorCacheWithGreedyAttrs(
-        forward_name="_augmented_forward", inverse_name="_augmented_inverse")
+    # Forward and inverse return their log-determinant too; TFP's cache stores it with the output (while
+    # tracing, or within one eager scoring call: never across a weight update).
+    _cache = traced_only_cache("_augmented_forward", "_augmented_inverse", greedy=True)
 
     def __init__(
         self,
@@ -291,33 +293,26 @@ class MaskedAutoregressive(KerasParameterizedBijector):
     def _inverse(self, y, conditional_input=None):
         return self._augmented_inverse(y, conditional_input)[0]
 
-    @staticmethod
-    def _kwargs(conditional_input):
-        return {} if conditional_input is None else {"conditional_input": conditional_input}
-
-    # TFP looks in its cache before calling these: they run only for points this bijector has not mapped yet.
+    # TFP looks in its cache before calling these: they run only for points this bijector has not mapped (in
+    # this trace or eager scoring call).
     def _forward_log_det_jacobian(self, x, conditional_input=None):
         if self._iaf:  # the network reads x (the latent side): one pass, no need to map x
             flat, c, batch_shape = self._flatten_batch(self._check_event(x, "x"), conditional_input)
             return tf.reshape(tf.reduce_sum(self._shift_log_scale(flat, c)[1], axis=-1), batch_shape)
-        kwargs = self._kwargs(conditional_input)
-        self.forward(x, **kwargs)  # the sequential pass; its log-det lands in the cache
-        return -self._cache.forward_attributes(x, **kwargs)["ildj"]
+        return -self._augmented_forward(x, conditional_input)[1]["ildj"]  # the sequential pass
 
     def _inverse_log_det_jacobian(self, y, conditional_input=None):
         if not self._iaf:  # the network reads y (the data side): one pass
             flat, c, batch_shape = self._flatten_batch(self._check_event(y, "y"), conditional_input)
             return -tf.reshape(tf.reduce_sum(self._shift_log_scale(flat, c)[1], axis=-1), batch_shape)
-        kwargs = self._kwargs(conditional_input)
-        self.inverse(y, **kwargs)
-        return self._cache.inverse_attributes(y, **kwargs)["ildj"]
+        return self._augmented_inverse(y, conditional_input)[1]["ildj"]
 
 
 class InverseAutoregressive(MaskedAutoregressive):
     """`MaskedAutoregressive` with `direction="iaf"`: sampling (`forward`) in one pass, `inverse` sequential.
 
     The bijector for variational surrogates (`tfp.vi.fit_surrogate_posterior`): they draw samples and score
-    those same samples, which TFP's cache answers without running the network again.
+    those same samples, which TFP's cache answers without running the network again (see `MaskedAutoregressive`).
 
     Example:
       >>> iaf = InverseAutoregressive(event_shape=[3], hidden_units=(32, 32))

@@ -18,6 +18,9 @@ from tfp_nvp.bijectors._base import (
     as_shape,
     assert_finite,
     check_dtype,
+    forget_after_call,
+    reuse_allowed,
+    same_graph,
 )
 
 __all__ = ["AffineCoupling", "VECTOR_MASKS", "IMAGE_MASKS", "LOG_SCALE_BOUNDS"]
@@ -284,21 +287,22 @@ class _Coupling(KerasParameterizedBijector):
     # XLA merges the two forward passes but not their gradients (measured: 1.5x steps/s for 8 affine couplings
     # when the log-scale is reused). Inside one traced function the tensors a call saw and returned are
     # remembered with the elementwise log-det computed with them; a later log-det at the latent side `x`
-    # (log|dy/dx|) or the data side `y` (log|dx/dy|) of that call is read from it. Eager calls never reuse it, so
-    # a tape or a weight update between two eager calls can never meet a stale value.
+    # (log|dy/dx|) or the data side `y` (log|dx/dy|) of that call is read from it. Eagerly it lives only for one
+    # scoring call (`one_call`), so a tape or a weight update between two eager calls can never meet a stale value.
     def _remember(self, x, y, conditional_input, log_det, inverse):
-        if tf.executing_eagerly():
+        if not reuse_allowed():
             return
         self._log_det_memo = (weakref.ref(x), weakref.ref(y), conditional_input, log_det, inverse)
+        forget_after_call(("memo", id(self)), lambda: setattr(self, "_log_det_memo", None))
 
     def _recall(self, t, side, conditional_input):
         """The summed log-det in the direction of `side` ("x": forward, "y": inverse) if `t` was just seen."""
         memo = getattr(self, "_log_det_memo", None)
-        if memo is None or tf.executing_eagerly():
+        if memo is None or not reuse_allowed():
             return None
         ref_x, ref_y, c, log_det, inverse = memo
         ref = ref_x if side == "x" else ref_y
-        if ref() is not t or c is not conditional_input or log_det.graph is not t.graph:
+        if ref() is not t or c is not conditional_input or not same_graph(log_det, t):
             return None
         total = self._reduce_event(log_det)
         # `log_det` is log|dx/dy| after an inverse call and log|dy/dx| after a forward call.

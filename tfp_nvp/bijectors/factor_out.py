@@ -35,6 +35,9 @@ from tfp_nvp.bijectors._base import (
     as_float_dtype,
     as_shape,
     check_event,
+    forget_after_call,
+    reuse_allowed,
+    same_graph,
 )
 from tfp_nvp.bijectors._conditioning import broadcast_condition, missing_condition, unexpected_condition
 
@@ -266,19 +269,20 @@ class FactorOut(KerasParameterizedBijector):
     # log-densities does the mirror image); each would run the prior network again on the same kept channels,
     # and XLA merges the repeated forward passes but not their gradients. Inside one traced function the
     # log-scale a call computed is remembered with the latent-side and data-side tensors of that call and reused
-    # by a log-det at either; eager calls never reuse it, so a tape or a weight update between two eager calls
-    # can never meet a stale value.
+    # by a log-det at either; eagerly it lives only for one scoring call (`one_call`), so a tape or a weight
+    # update between two eager calls can never meet a stale value.
     def _remember(self, latent, data, conditional_input, log_sigma):
-        if not tf.executing_eagerly():
+        if reuse_allowed():
             self._log_sigma_memo = (weakref.ref(latent), weakref.ref(data), conditional_input, log_sigma)
+            forget_after_call(("memo", id(self)), lambda: setattr(self, "_log_sigma_memo", None))
 
     def _log_sigma_at(self, t, arg, conditional_input, latent_side):
         checked = self._check_event(t, arg)
         memo = getattr(self, "_log_sigma_memo", None)
-        if memo is not None and not tf.executing_eagerly():
+        if memo is not None and reuse_allowed():
             ref_latent, ref_data, c, log_sigma = memo
             ref = ref_latent if latent_side else ref_data
-            if ref() is t and c is conditional_input and log_sigma.graph is t.graph:
+            if ref() is t and c is conditional_input and same_graph(log_sigma, t):
                 return self._reduce_event(log_sigma)
         return self._reduce_event(self._prior(checked[..., : self._num_keep], conditional_input)[1])
 
@@ -392,15 +396,16 @@ class OnChannels(tfb.Bijector):
     # anew would hand the inner bijector a tensor it has never seen, missing its cache: the whole inner level
     # (every coupling network) would run again for the log-det, and its gradient too. Inside one traced function
     # the parts of the tensors a call took and returned are therefore remembered, so a later split of either
-    # gives the very tensors the inner bijector saw or returned. Eagerly slicing is cheap and nothing is kept.
+    # gives the very tensors the inner bijector saw or returned (eagerly: within one scoring call, `one_call`).
     def _remember(self, *pairs):
-        if not tf.executing_eagerly():
+        if reuse_allowed():
             self._parts_memo = [(weakref.ref(whole), parts) for whole, parts in pairs]
+            forget_after_call(("memo", id(self)), lambda: setattr(self, "_parts_memo", ()))
 
     def _split(self, x):
-        if not tf.executing_eagerly():
+        if reuse_allowed():
             for ref, parts in getattr(self, "_parts_memo", ()):
-                if ref() is x and parts[0].graph is x.graph:
+                if ref() is x and same_graph(parts[0], x):
                     return parts
         return x[..., : self._num_channels], x[..., self._num_channels:]
 

@@ -11,6 +11,7 @@ from tensorflow.python.eager import record as _record  # the switch TF's own tf.
 from tensorflow_probability import bijectors as tfb
 from tensorflow_probability.python.bijectors.chain import _Chain
 
+from tfp_nvp.bijectors._base import forget_after_call, reuse_allowed, same_graph
 from tfp_nvp.bijectors.actnorm import initialization_settled
 from tfp_nvp.bijectors.factor_out import OnChannels
 
@@ -104,18 +105,25 @@ class InvertibleChain(_Chain):
         return super()._forward_log_det_jacobian(x, event_ndims, **kwargs)
 
     # ------------------------------------------------------------------------------------------- memo
+    # Like the couplings' memo: read back while tracing, or eagerly within one scoring call (`one_call`), so
+    # a weight update between two eager calls never meets a stale log-det.
     def _remember(self, y, z, event_ndims, kwargs, ildj):
+        if not reuse_allowed():
+            return
         leaves = tuple(tf.nest.flatten(kwargs))
         entry = (weakref.ref(y), weakref.ref(z), event_ndims, leaves, ildj)
         self._memo = [entry, *self._memo[: _MEMO_SIZE - 1]]
+        forget_after_call(("memo", id(self)), lambda: setattr(self, "_memo", []))
 
     def _recall(self, t, side, event_ndims, kwargs):
+        if not reuse_allowed():
+            return None
         leaves = tuple(tf.nest.flatten(kwargs))
         for y_ref, z_ref, ndims, memo_leaves, ildj in self._memo:
             ref = y_ref if side == "input" else z_ref
             if (ref() is t and ndims == event_ndims and len(leaves) == len(memo_leaves)
                     and all(a is b or (not tf.is_tensor(a) and _same_value(a, b)) for a, b in zip(leaves, memo_leaves))
-                    and (tf.executing_eagerly() or getattr(ildj, "graph", None) is getattr(t, "graph", None))):
+                    and same_graph(ildj, t)):
                 return ildj
         return None
 
