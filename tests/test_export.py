@@ -325,3 +325,20 @@ def test_export_rejects_bad_arguments(tmp_path):
         export_flow(model.distribution.bijector, str(tmp_path / "e"))
     with pytest.raises(TypeError, match="unexpected keyword argument 'opset_version'"):
         model.export(str(tmp_path / "f"), opset_version=17)
+
+
+@pytest.mark.parametrize("dtype, levels", [(tf.uint8, 256), (tf.int8, 100)])
+def test_narrow_integer_inputs_hold_every_level(tmp_path, dtype, levels):
+    """`levels` need not fit the input type (256 levels of uint8 images): the range check must not wrap."""
+    model = FlowModel(tfp_nvp.real_nvp([4], num_coupling_layers=2, hidden_units=(8,), seed=0), levels=levels)
+    export_flow(model, str(tmp_path / "m"), input_signature=[tf.TensorSpec([None, 4], dtype)], verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "m"))
+    top = dtype.max if levels > dtype.max else levels - 1
+    x = np.array([[0, 1, top // 2, top]], dtype.as_numpy_dtype)
+    expected = model.log_prob((x.astype("float32") + 0.5) / levels).numpy()
+    np.testing.assert_allclose(served.serve(tf.constant(x))["log_prob"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    if not dtype.is_unsigned:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=rf"`x` must hold integers in \[0, {levels}\)"):
+            served.serve(tf.constant([[0, -1, 2, 3]], dtype))
+        with pytest.raises(tf.errors.InvalidArgumentError, match=rf"`x` must hold integers in \[0, {levels}\)"):
+            served.serve(tf.constant([[0, levels, 2, 3]], dtype))

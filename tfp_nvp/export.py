@@ -163,8 +163,11 @@ def export_flow(model_or_flow, filepath, levels: int | None = None, input_signat
     def log_density(x, conditional_input=None):
         if levels is not None:
             message = f"`x` must hold integers in [0, {levels})"
-            checks = [tf.debugging.assert_greater_equal(x, tf.zeros([], x.dtype), message=message),
-                      tf.debugging.assert_less(x, tf.cast(levels, x.dtype), message=message)]
+            # Compared in 64 bits: `levels` cast to a narrow input type would wrap (256 is 0 as uint8).
+            wide = tf.cast(x, tf.uint64 if x.dtype.is_unsigned else tf.int64)
+            checks = [tf.debugging.assert_less(wide, tf.constant(levels, wide.dtype), message=message)]
+            if not x.dtype.is_unsigned:
+                checks.append(tf.debugging.assert_non_negative(wide, message=message))
             with tf.control_dependencies(checks):
                 x = (tf.cast(x, dtype) + tf.constant(SERVING_OFFSET, dtype)) / tf.constant(levels, dtype)
         log_prob = dist.log_prob(tf.cast(x, dtype), **bijector_kwargs(conditional_input))
