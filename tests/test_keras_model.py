@@ -255,6 +255,9 @@ def test_conditional_flow_model_fits_dict_inputs():
     shuffled = -np.mean(model.log_prob(x, conditional_input=c[::-1]).numpy())
     assert shuffled > after + 0.5
     assert model.sample(4, seed=(5, 5), conditional_input=c[:4]).shape == (4, 2)
+    # A float64 condition (NumPy's default) is cast to the flow's dtype, in sample as in log_prob.
+    np.testing.assert_array_equal(model.sample(4, seed=(5, 5), conditional_input=c[:4].astype(np.float64)),
+                                  model.sample(4, seed=(5, 5), conditional_input=c[:4]))
 
 
 def test_levels_dequantizes_and_reports_bits_per_dim():
