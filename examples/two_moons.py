@@ -86,12 +86,19 @@ def train(model, x, epochs: int, flow: str = "real_nvp", verbose="auto", callbac
     # moons, small ones settle the thin arcs.
     schedule = tfp_nvp.WarmupCosineDecay(recipe["learning_rate"], warmup_fraction=recipe.get("warmup", 0.0),
                                          final_fraction=0.01)
-    model.compile(optimizer=tfp_nvp.FusedAdam(schedule, clipnorm=recipe.get("clipnorm")),
-                  jit_compile=recipe["jit_compile"], steps_per_execution=recipe.get("steps_per_execution", 1))
+    # `ema_momentum` (no recipe sets it; benchmarks/spline_moons_sweep.py tries it): Keras' weight averaging,
+    # validated and finally kept with the averaged weights.
+    ema = recipe.get("ema_momentum")
+    optimizer = tfp_nvp.FusedAdam(schedule, clipnorm=recipe.get("clipnorm"), use_ema=ema is not None,
+                                  ema_momentum=0.99 if ema is None else ema)
+    model.compile(optimizer=optimizer, jit_compile=recipe["jit_compile"],
+                  steps_per_execution=recipe.get("steps_per_execution", 1))
     validation_split = recipe.get("validation_split", VALIDATION_SPLIT)
     if validation_split:
         callbacks = [keras.callbacks.EarlyStopping("val_nll", patience=max(10, epochs // 2),
                                                    restore_best_weights=True), *callbacks]
+        if ema is not None:
+            callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     start = time.perf_counter()
     history = model.fit(x, batch_size=batch_size, epochs=epochs, validation_split=validation_split,
                         callbacks=list(callbacks), verbose=verbose)
