@@ -168,6 +168,11 @@ def test_initialize_counts_and_normalises():
     assert initialize(_vector_flow(seed=0).bijector, x) == 2
     with pytest.raises(ValueError, match="flow_or_model"):
         initialize("not a flow", x)
+    # Integer data for a flow of continuous data is refused before any ActNorm sees it.
+    fresh = _vector_flow(seed=0)
+    with pytest.raises(TypeError, match=r"`x` holds integers \(dtype int32\).*dequantize"):
+        initialize(fresh, np.arange(12, dtype=np.int32).reshape(4, 3))
+    assert not any(bool(b.initialized) for b in tfp_nvp.flow_bijectors(fresh) if isinstance(b, ActNorm))
 
 
 def test_flag_and_parameters_survive_weights_reload(tmp_path):

@@ -226,6 +226,14 @@ def test_anomaly_score_is_nll_or_bits_for_flows_and_models(flow, digits):
     np.testing.assert_allclose(images.anomaly_score(model, x, levels=LEVELS).numpy(), bits, rtol=1e-12)
     base_nll = -flow.distribution.log_prob(tf.constant(x.numpy())).numpy()
     assert np.abs(base_nll - nll).min() > 1e-3
+    # Integer images are scored at their bins' centres, as a served model scores them.
+    ints = digits["test"][:8]
+    centres = (ints.astype(np.float64) + 0.5) / LEVELS
+    np.testing.assert_allclose(images.anomaly_score(flow, ints, levels=LEVELS).numpy(),
+                               images.bits_per_dim(-flow.log_prob(centres).numpy(), D, LEVELS), rtol=1e-12)
+    assert np.isfinite(images.anomaly_score(model, ints, levels=LEVELS).numpy()).all()
+    with pytest.raises(TypeError, match=r"`x` holds integers .*give `levels`"):
+        images.anomaly_score(flow, ints)
 
 
 def test_blank_image_is_an_anomaly_under_a_fitted_density(digits):

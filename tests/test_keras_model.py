@@ -304,3 +304,40 @@ def test_fit_pipelines_run_without_tf_data_autotuning(shuffle, monkeypatch):
     for name in ("train", "val"):
         assert isinstance(seen[name], tf.data.Dataset), name
         assert seen[name].options().autotune.enabled is False, name
+
+
+def test_sample_weights_weight_training_and_every_reported_mean():
+    """Keras drops the weights of data without targets; FlowModel must not (a flow has no targets)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 2)).astype(np.float32) * np.array([1.0, 3.0], np.float32)
+    w = np.r_[np.ones(32), np.zeros(32)].astype(np.float32)
+
+    def model(seed=4):
+        m = FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=2, hidden_units=(8,), seed=seed))
+        m.compile(optimizer=keras.optimizers.SGD(0.1))
+        return m
+
+    weighted, first_half = model(), model()
+    nll = -weighted.log_prob(x).numpy()
+    expected = float(np.sum(w * nll) / np.sum(w))
+    assert abs(expected - nll.mean()) > 1e-3, "the weights must matter for this data"
+    scores = weighted.evaluate(x, sample_weight=w, batch_size=16, verbose=0, return_dict=True)
+    np.testing.assert_allclose(scores["nll"], expected, rtol=1e-5)
+    # `loss` averages the batches' weighted means: the two all-zero batches count as 0.
+    halves = [np.sum(w[i:i + 16] * nll[i:i + 16]) / np.sum(w[i:i + 16]) for i in (0, 16)]
+    np.testing.assert_allclose(scores["loss"], np.sum(halves) / 4, rtol=1e-5)
+    history = weighted.fit(x[:8], epochs=1, batch_size=8, verbose=0, shuffle=False,
+                           validation_data=(x, None, w), validation_batch_size=16).history
+    np.testing.assert_allclose(history["val_nll"][0], -np.sum(w * weighted.log_prob(x).numpy()) / np.sum(w),
+                               rtol=1e-5)
+    # One full-batch step with weights 1 on the first half and 0 on the rest is a step on the first half.
+    weighted, first_half = model(), model()
+    weighted.fit(x, sample_weight=w, epochs=1, batch_size=64, shuffle=False, verbose=0)
+    first_half.fit(x[:32], epochs=1, batch_size=32, shuffle=False, verbose=0)
+    moved = False
+    for a, b, start in zip(weighted.trainable_weights, first_half.trainable_weights, model().trainable_weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+        moved |= not np.array_equal(a.numpy(), start.numpy())
+    assert moved
+    with pytest.raises(ValueError, match="`sample_weight` needs `x` as arrays"):
+        weighted.evaluate(tf.data.Dataset.from_tensor_slices(x).batch(8), sample_weight=w, verbose=0)

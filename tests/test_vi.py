@@ -172,11 +172,11 @@ def test_both_doors_and_fit_surrogate_posterior_trains_every_weight(trained, sam
         assert np.max(np.abs(new.numpy() - old)) > 0, f"{new.name} did not move"
 
 
-@pytest.mark.parametrize("kernel", ["nuts", "hmc"])
-def test_neutra_chain_has_model_structure_and_moves(trained, kernel):
+@pytest.mark.parametrize("kernel, adaptation", [("nuts", 6), ("hmc", 6), ("hmc", 0)])
+def test_neutra_chain_has_model_structure_and_moves(trained, kernel, adaptation):
     pinned, q = trained["pinned"], trained["q"]
     sampler = tfp_nvp.neutra_kernel(pinned, q, kernel=kernel, step_size=0.3, num_leapfrog_steps=2,
-                                    max_tree_depth=3, num_adaptation_steps=6)
+                                    max_tree_depth=3, num_adaptation_steps=adaptation)
     init = tfp_nvp.neutra_initial_state(q, num_chains=3, seed=11)
 
     @tf.function

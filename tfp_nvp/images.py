@@ -128,8 +128,18 @@ def interpolate(flow, x0, x1, num: int = 8, bijector_kwargs=None):
 
 
 def anomaly_score(flow, x, levels: int | None = None, bijector_kwargs=None):
-    """Per-example anomaly score: NLL in nats, or bits/dim when `levels` is given (higher = less likely)."""
+    """Per-example anomaly score: NLL in nats, or bits/dim when `levels` is given (higher = less likely).
+
+    `x` is continuous data in the flow's space (dequantized images in [0, 1)), or, with `levels`, integer
+    images in `[0, levels)`, scored at their bins' centres `(x + 0.5) / levels` as a served model scores them.
+    """
     dist = _as_distribution(flow)
+    x = tf.convert_to_tensor(x)
+    if x.dtype.is_integer or x.dtype.is_bool:
+        if levels is None:
+            raise TypeError(f"`x` holds integers (dtype {x.dtype.name}): give `levels` to score integer images "
+                            "at their bins' centres, or pass continuous (dequantized) data.")
+        x = (tf.cast(x, dist.dtype) + tf.constant(0.5, dist.dtype)) / tf.constant(levels, dist.dtype)
     nll = -dist.log_prob(x, **({"bijector_kwargs": bijector_kwargs} if bijector_kwargs else {}))
     if levels is None:
         return nll

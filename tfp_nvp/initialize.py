@@ -59,6 +59,12 @@ def initialize(flow_or_model, x, conditional_input=None) -> int:
         from tfp_nvp import images
 
         x = images.dequantize(x, levels, dtype=dtypes[0] if dtypes else tf.float32)
+    elif x.dtype.is_integer or x.dtype.is_bool:
+        # Cast to floats, integer images would sit far outside the flow's support and leave ActNorm with
+        # non-finite statistics that it then keeps.
+        raise TypeError(f"`x` holds integers (dtype {x.dtype.name}) and the flow takes continuous data: pass "
+                        "dequantized images (tfp_nvp.images.dequantize(x, levels)), or a FlowModel with `levels`, "
+                        "which dequantizes them itself.")
     if dtypes:
         x = tf.cast(x, dtypes[0])
 

@@ -80,6 +80,17 @@ class _RecordStartStep(keras.callbacks.Callback):
         self._variable.assign(0 if optimizer is None else int(optimizer.iterations.numpy()))
 
 
+def _placeholder_targets(x, y, sample_weight, name="x"):
+    """Targets for weighted data: Keras packs `(x, None, w)` as `(x,)` and so drops the weights of data with
+    no targets, which is every flow's. A zero per example (ignored by the loss) keeps them."""
+    if sample_weight is None or y is not None:
+        return y
+    if not _is_array_input(x):
+        raise ValueError(f"`sample_weight` needs `{name}` as arrays or tensors (a dict of them for conditional "
+                         f"flows); for a tf.data.Dataset, yield (x, targets, weights) with any targets.")
+    return np.zeros(_num_examples(x), np.float32)
+
+
 def _with_callback(callbacks, callback):
     if callbacks is None:
         return [callback]
@@ -267,6 +278,11 @@ class FlowModel(keras.Model):
         a restored checkpoint and `fit(initial_epoch=k)`) draws the same batches as a run that was never
         interrupted. The seed is `shuffle_seed`, else the one given to `keras.utils.set_random_seed`, else
         drawn afresh (a different order every run).
+
+        `sample_weight` (and `validation_data=(x_val, None, w_val)`) weight the examples: each batch's loss is
+        its weighted mean `sum(w * nll) / sum(w)` (0 for a batch of zero weights), and the reported `nll`
+        (`bits_per_dim`) is that mean over all the data; `loss` is, as in Keras, the average of the batches'
+        losses.
         """
         if self.optimizer is not None and not self.optimizer.built:
             # Built lazily, the optimizer creates its slots inside the first traced step, and tf.function
@@ -281,6 +297,10 @@ class FlowModel(keras.Model):
         if isinstance(validation_data, tuple) and (len(validation_data) == 1 or (
                 len(validation_data) == 2 and validation_data[1] is None)):
             validation_data = validation_data[0]  # Keras' (x_val,) form: a flow has no targets
+        if isinstance(validation_data, tuple) and len(validation_data) == 3 and validation_data[1] is None:
+            x_val, _, w_val = validation_data
+            validation_data = (x_val, _placeholder_targets(x_val, None, w_val, "validation_data[0]"), w_val)
+        y = _placeholder_targets(x, y, sample_weight)
         fast = (
             y is None and sample_weight is None and steps_per_epoch is None and validation_steps is None
             and not kwargs.get("class_weight") and shuffle in (True, False) and _is_array_input(x)
@@ -362,12 +382,18 @@ class FlowModel(keras.Model):
         return super().fit(ds, epochs=epochs, verbose=verbose, callbacks=callbacks, validation_data=val,
                            shuffle=False, steps_per_epoch=train_steps, validation_steps=val_steps, **kwargs)
 
+    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, **kwargs):
+        """Keras `evaluate`; with `sample_weight`, `nll` is the weighted mean `sum(w * nll) / sum(w)` (see `fit`)."""
+        y = _placeholder_targets(x, y, sample_weight)
+        return super().evaluate(x, y, batch_size=batch_size, verbose=verbose, sample_weight=sample_weight, **kwargs)
+
     # ---------------------------------------------------------------------------------------------- loss
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         nll = -y_pred
         if sample_weight is not None:
             sample_weight = tf.cast(sample_weight, nll.dtype)
-            mean_nll = tf.reduce_sum(nll * sample_weight) / tf.reduce_sum(sample_weight)
+            # A batch whose weights are all zero has nothing to fit: loss 0, no gradient (not 0 / 0).
+            mean_nll = tf.math.divide_no_nan(tf.reduce_sum(nll * sample_weight), tf.reduce_sum(sample_weight))
         else:
             mean_nll = tf.reduce_mean(nll)
         self.nll_tracker.update_state(nll, sample_weight=sample_weight)

@@ -198,7 +198,9 @@ class NegativeLogLikelihood(keras.losses.Loss):
     """The loss for models whose output is a log-density: `-mean(y_pred)`; the targets are ignored.
 
     Keras passes targets to every compiled loss, so `fit` needs some: give zeros of length `batch`
-    (`fit([x, y], np.zeros(len(y)))`); their values never matter. Sample weights weight the examples.
+    (`fit([x, y], np.zeros(len(y)))`); their values never matter. Sample weights weight the examples with
+    Keras' `reduction`: the default, `"sum_over_batch_size"`, gives `sum(w * nll) / batch_size` (Keras'
+    convention for every loss; `FlowModel` divides by `sum(w)` instead).
     """
 
     def __init__(self, name="negative_log_likelihood", reduction="sum_over_batch_size", dtype=None):

@@ -392,8 +392,11 @@ def neutra_kernel(target, surrogate, *, kernel="nuts", step_size=0.1, num_leapfr
     if kernel == "nuts":
         sampler = tfp.mcmc.NoUTurnSampler(flat_log_prob, step_size=step_size, max_tree_depth=max_tree_depth)
     else:
+        # Parameters kept in the results: without them HMC's initial results hold an empty leapfrog count,
+        # which `neutra_trace_fn` (and any trace reading it) cannot use when no step-size adaptation runs.
         sampler = tfp.mcmc.HamiltonianMonteCarlo(flat_log_prob, step_size=step_size,
-                                                 num_leapfrog_steps=int(num_leapfrog_steps))
+                                                 num_leapfrog_steps=int(num_leapfrog_steps),
+                                                 store_parameters_in_results=True)
     inner = tfp.mcmc.TransformedTransitionKernel(sampler, bijector=surrogate.flow.bijector)
     if num_adaptation_steps:
         if target_accept_prob is None:
