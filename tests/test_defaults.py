@@ -172,6 +172,8 @@ def test_unknown_length_input_with_the_default_schedule_is_a_clear_error():
     (dict(final_fraction=1.5), "final_fraction"),
     (dict(total_steps=0), "total_steps"),
     (dict(total_steps=2.5), "total_steps"),
+    (dict(total_steps=10, cycle=(0, 10)), "`cycle` is for schedules sized by `fit`"),
+    (dict(cycle=(0, 0)), "total_steps"),
 ])
 def test_bad_schedule_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

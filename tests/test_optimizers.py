@@ -134,6 +134,11 @@ def test_flow_model_save_and_reload(tmp_path):
     assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 8
     for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The schedule's cycle, sized by fit, is saved too: the reloaded optimizer is at the same rate (the end of
+    # the decay, not the peak), for a custom training loop as for fit.
+    rate = float(model.optimizer.learning_rate)
+    assert rate < 0.1 * tfp_nvp.WarmupCosineDecay().peak_learning_rate
+    assert float(loaded.optimizer.learning_rate) == rate
     # Reloaded state continues exactly: one more epoch from both gives the same weights.
     for m in (model, loaded):
         m.fit(x, batch_size=64, epochs=1, shuffle=False, verbose=0)

@@ -25,8 +25,10 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
     warmup-and-decay cycle over its `epochs` x steps per epoch, counted from the step its epoch 0 would start
     at, so a run resumed with `initial_epoch=k` (or through `keras.callbacks.BackupAndRestore`) follows the
     schedule of the uninterrupted run, and a later `fit` call starts a new cycle. Until a `fit` sizes it, the
-    rate is the peak (constant), e.g. when the optimizer is used outside `fit`. With `total_steps` given, the
-    cycle is fixed to optimizer steps `[0, total_steps)` and `fit` leaves it alone.
+    rate is the peak (constant), e.g. when the optimizer is used outside `fit`. The sized cycle is part of
+    `get_config` (`cycle=(start_step, length)`), so an optimizer reloaded from a `.keras` file continues at the
+    rate it was saved at. With `total_steps` given, the cycle is fixed to optimizer steps `[0, total_steps)` and
+    `fit` leaves it alone.
 
     Example:
       >>> schedule = WarmupCosineDecay(5e-3, total_steps=1000)
@@ -34,7 +36,8 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, peak_learning_rate: float = 5e-3, warmup_fraction: float = 0.05,
-                 final_fraction: float = 0.01, total_steps: int | None = None, name: str = "warmup_cosine_decay"):
+                 final_fraction: float = 0.01, total_steps: int | None = None, name: str = "warmup_cosine_decay",
+                 cycle: tuple[int, int] | None = None):
         for arg, value, low, high in (("peak_learning_rate", peak_learning_rate, 0.0, math.inf),
                                       ("warmup_fraction", warmup_fraction, 0.0, 1.0),
                                       ("final_fraction", final_fraction, 0.0, 1.0)):
@@ -55,6 +58,12 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         # after that step was traced (Keras keeps the traced step across fit calls).
         self._start = tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{name}_start")
         self._length = tf.Variable(self.total_steps or 0, dtype=tf.int64, trainable=False, name=f"{name}_length")
+        # `cycle` is the (start step, length) a `fit` sized, saved by `get_config` so that a reloaded optimizer
+        # reports and uses the rate it was at.
+        if cycle is not None:
+            if self.total_steps is not None:
+                raise ValueError("`cycle` is for schedules sized by `fit` (total_steps=None).")
+            self.set_cycle(*cycle)
 
     @property
     def sized_by_fit(self) -> bool:
@@ -82,8 +91,11 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         return tf.where(length > 0, rate, peak)  # not yet sized: constant peak
 
     def get_config(self):
-        return dict(peak_learning_rate=self.peak_learning_rate, warmup_fraction=self.warmup_fraction,
-                    final_fraction=self.final_fraction, total_steps=self.total_steps, name=self.name)
+        config = dict(peak_learning_rate=self.peak_learning_rate, warmup_fraction=self.warmup_fraction,
+                      final_fraction=self.final_fraction, total_steps=self.total_steps, name=self.name)
+        if self.sized_by_fit and int(self._length.numpy()) > 0:
+            config["cycle"] = (int(self._start.numpy()), int(self._length.numpy()))
+        return config
 
 
 class SizeScheduleToFit(keras.callbacks.Callback):
