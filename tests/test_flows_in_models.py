@@ -7,6 +7,7 @@ computed by hand.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -192,6 +193,24 @@ def test_condition_matches_bijector_kwargs_and_batches_like_its_context(conditio
     # Batch slicing slices the contexts; float64 contexts are cast to the flow's dtype.
     np.testing.assert_allclose(bound[1].log_prob(y[:, 1]), bound.log_prob(y)[:, 1], rtol=1e-6)
     assert tfp_nvp.condition(conditional_flow, np.zeros([3], np.float64)).sample(seed=(8, 3)).dtype == tf.float32
+
+
+@pytest.mark.parametrize("make_variable", [tf.Variable, keras.Variable], ids=["tf", "keras"])
+def test_variable_context_is_read_at_every_call_and_trained_through(conditional_flow, make_variable):
+    context = make_variable(np.zeros([4, 3], np.float32))
+    bound = tfp_nvp.condition(conditional_flow, context)
+    y = tf.random.stateless_normal([4, 2], seed=[8, 4])
+    before = bound.log_prob(y)
+    context.assign(np.ones([4, 3], np.float32))
+    after = bound.log_prob(y)
+    np.testing.assert_allclose(after, conditional_flow.log_prob(
+        y, bijector_kwargs=tfp_nvp.conditional_kwargs(conditional_flow, tf.ones([4, 3]))), rtol=1e-6)
+    assert np.abs(after.numpy() - before.numpy()).max() > 1e-4
+    np.testing.assert_array_equal(bound.context.numpy(), 1.0)
+    with tf.GradientTape() as tape:
+        loss = -tf.reduce_sum(bound.log_prob(y))
+    grad = tape.gradient(loss, context.value if isinstance(context, keras.Variable) else context)
+    assert grad is not None and np.any(grad.numpy() != 0)
 
 
 # ------------------------------------------------------------------------------------------- limits and errors

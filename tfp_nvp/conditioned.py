@@ -7,6 +7,7 @@ TFP models built from distributions (`tfd.JointDistribution*`, `tfd.Mixture`, ..
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import parameter_properties
@@ -67,6 +68,10 @@ class ConditionedFlow(flows._Flow):
         size = _conditional_size(flow)
         validate_args = flow.validate_args if validate_args is None else bool(validate_args)
         name = name or flow.name
+        # A variable context (a learned embedding, a value set between calls) is read at every call, as TFP's
+        # distributions read their variable parameters; anything else is converted once.
+        self._context_variable = context if isinstance(context, (tf.Variable, keras.Variable)) else None
+        self._context_spec = (flow.dtype, size, name)
         context = _as_context(context, flow.dtype, size, name)
         self._flow = flow
         self._context = context
@@ -83,7 +88,8 @@ class ConditionedFlow(flows._Flow):
             kwargs = dict(kwargs)
             if kwargs.pop("bijector_kwargs", None):
                 raise ValueError(f"{name} has its context bound already; call it without `bijector_kwargs`.")
-            return kwargs.pop("distribution_kwargs", {}), bound
+            now = bound if self._context_variable is None else flows.conditional_kwargs(flow, self.context)
+            return kwargs.pop("distribution_kwargs", {}), now
 
         self._kwargs_split_fn = split
 
@@ -100,7 +106,9 @@ class ConditionedFlow(flows._Flow):
 
     @property
     def context(self):
-        """The bound context, `[*batch_shape, m]`."""
+        """The bound context, `[*batch_shape, m]` (a variable context's current value)."""
+        if self._context_variable is not None:
+            return _as_context(self._context_variable, *self._context_spec)
         return self._context
 
 
@@ -119,7 +127,8 @@ def condition(flow, context, validate_args=None, name=None) -> ConditionedFlow:
       >>> model.log_prob([x, y])   # = prior.log_prob(x) + flow.log_prob(y, bijector_kwargs=...)
 
     `context` has shape `[..., m]` (`m` from the flow's `conditional_shape`), its leading dimensions become the
-    batch shape. Floating contexts of another precision are cast to the flow's dtype. Equivalent to passing
-    `bijector_kwargs=tfp_nvp.conditional_kwargs(flow, context)` to every call of `flow`.
+    batch shape. Floating contexts of another precision are cast to the flow's dtype. A `tf.Variable` (or
+    Keras variable) context is read at every call, so it can be assigned or trained through the result.
+    Equivalent to passing `bijector_kwargs=tfp_nvp.conditional_kwargs(flow, context)` to every call of `flow`.
     """
     return ConditionedFlow(flow, context, validate_args=validate_args, name=name)
