@@ -111,6 +111,12 @@ def test_flow_model_rejects_bad_inputs():
         model({"data": tf.zeros([3, 2])})
     with pytest.raises(ValueError, match=r"must have shape \[\.\.\., 2\]"):
         model.log_prob(tf.zeros([3, 5]))
+    model.compile()
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match=rf"`batch_size` must be a positive integer or None; got {bad}"):
+            model.fit(np.zeros([8, 2], np.float32), batch_size=bad, verbose=0)
+    with pytest.raises(ValueError, match="`validation_batch_size` must be a positive integer"):
+        model.fit(np.zeros([8, 2], np.float32), validation_split=0.5, validation_batch_size=0, verbose=0)
 
 
 # --------------------------------------------------------------------------------------------- training

@@ -151,12 +151,22 @@ def test_coupling_sizes_networks_left_unsized():
     (dict(hidden_units=(8, 0)), "hidden_units"),
     (dict(hidden_units=()), "hidden_units"),
     (dict(hidden_units=(2.5,)), "hidden_units"),
+    (dict(hidden_units=(8, None)), "hidden_units"),
     (dict(output_units=0), "output_units"),
     (dict(l2=-1.0), "l2"),
+    (dict(l2=None), "l2"),
+    (dict(l2=float("nan")), "l2"),
 ])
 def test_dense_network_bad_arguments(kwargs, arg):
     with pytest.raises(ValueError, match=f"`{arg}`"):
         DenseNetwork(**kwargs)
+
+
+def test_fused_towers_name_a_wrong_input_width():
+    net = DenseNetwork((8,), output_units=2, separate_towers=True, seed=0)
+    net(tf.zeros([4, 3]))
+    with pytest.raises(ValueError, match=r"built for 3 input features .* got 5"):
+        net(tf.zeros([4, 3]), conditional_input=tf.zeros([4, 2]))
 
 
 @pytest.mark.parametrize("kwargs,arg", [
@@ -164,11 +174,18 @@ def test_dense_network_bad_arguments(kwargs, arg):
     (dict(num_blocks=-1), "num_blocks"),
     (dict(output_channels=-2), "output_channels"),
     (dict(kernel_size=0), "kernel_size"),
+    (dict(kernel_size=(3, 5)), "kernel_size"),
+    (dict(hidden_channels=None), "hidden_channels"),
     (dict(l2=-0.1), "l2"),
+    (dict(l2=None), "l2"),
 ])
 def test_conv_resnet_bad_arguments(kwargs, arg):
     with pytest.raises(ValueError, match=f"`{arg}`"):
         ConvResNet(**kwargs)
+
+
+def test_conv_resnet_takes_a_square_window_as_keras_spells_it():
+    assert ConvResNet(hidden_channels=4, kernel_size=(3, 3)).kernel_size == 3
 
 
 def test_unsized_network_cannot_be_built_alone():

@@ -301,13 +301,17 @@ class FlowModel(keras.Model):
             x_val, _, w_val = validation_data
             validation_data = (x_val, _placeholder_targets(x_val, None, w_val, "validation_data[0]"), w_val)
         y = _placeholder_targets(x, y, sample_weight)
+        for arg, value in (("batch_size", batch_size), ("validation_batch_size", validation_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                      or value <= 0):
+                raise ValueError(f"`{arg}` must be a positive integer or None; got {value!r}.")
         fast = (
             y is None and sample_weight is None and steps_per_epoch is None and validation_steps is None
             and not kwargs.get("class_weight") and shuffle in (True, False) and _is_array_input(x)
             and (validation_data is None or _is_array_input(validation_data))
         )
         if fast:
-            batch_size = batch_size or DEFAULT_BATCH_SIZE
+            batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
             n = _num_examples(x)
             val = validation_data
             if val is None and validation_split:

@@ -23,6 +23,17 @@ def _count(value, name: str) -> int:
     return int(value)
 
 
+def l2_penalty(value, name: str = "l2") -> float:
+    """A weight-penalty factor: a finite number >= 0."""
+    try:
+        ok = not isinstance(value, bool) and np.isfinite(float(value)) and float(value) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"`{name}` must be a finite number >= 0 (0 for no penalty); got {value!r}.")
+    return float(value)
+
+
 def _initializer(name: str, seed, offset: int):
     init = keras.initializers.get(name)
     if seed is None:
@@ -163,9 +174,7 @@ class MADE(keras.layers.Layer):
         self.hidden_units = tuple(_count(h, "hidden_units") for h in hidden_units)
         self.event_size = None if event_size is None else _count(event_size, "event_size")
         self.conditional_size = None if conditional_size is None else _count(conditional_size, "conditional_size")
-        if l2 < 0:
-            raise ValueError(f"`l2` must be >= 0; got {l2}.")
-        self.l2 = float(l2)
+        self.l2 = l2_penalty(l2)
         self.activation = activation
         keras.activations.get(activation)  # an unknown name fails here, not at the first call
         self.seed = seed

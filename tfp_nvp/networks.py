@@ -33,10 +33,24 @@ def _seeded(initializer: str, seed, offset: int):
     return init
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) <= 0:
-        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+def _positive_int(value, name: str, allow_zero: bool = False) -> int:
+    try:
+        ok = not isinstance(value, bool) and int(value) == value and int(value) >= (0 if allow_zero else 1)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"`{name}` must be a {kind} integer; got {value!r}.")
     return int(value)
+
+
+def _square_kernel(value) -> int:
+    # Keras spells a square window (3, 3); these networks use square windows only.
+    if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    elif isinstance(value, (tuple, list)):
+        raise ValueError(f"`kernel_size` must be a positive integer or a square pair such as (3, 3); got {value!r}.")
+    return _positive_int(value, "kernel_size")
 
 
 def _output_widths(value, name: str):
@@ -112,7 +126,7 @@ class DenseNetwork(keras.layers.Layer):
         self.output_units = _output_widths(output_units, "output_units")
         self.activation = activation
         self.separate_towers = bool(separate_towers)
-        self.l2 = float(l2)
+        self.l2 = l2_penalty(l2)
         self.seed = seed
         self._regularizer = _regularizer(self.l2)
         self._towers = None
@@ -161,6 +175,7 @@ class DenseNetwork(keras.layers.Layer):
         # Both towers' layers are stacked on a leading tower axis, so the towers can run as one batched matmul
         # per layer (see `_run_fused`); each tower's slice is drawn and penalised as its own layer would be.
         in_units = int(inputs_shape[-1]) + (0 if conditional_input_shape is None else int(conditional_input_shape[-1]))
+        self._in_units = in_units
         units = self.hidden_units
         self._kernels, self._biases = [], []
         for i in range(len(units)):
@@ -219,6 +234,12 @@ class DenseNetwork(keras.layers.Layer):
     def call(self, inputs, conditional_input=None):
         h = inputs if conditional_input is None else ops.concatenate([inputs, conditional_input], axis=-1)
         if self.separate_towers:
+            # Dense layers check their input width; the stacked kernels would fail inside a batched matmul.
+            if h.shape[-1] is not None and h.shape[-1] != self._in_units:
+                raise ValueError(
+                    f"{self.name} was built for {self._in_units} input features (`inputs` and `conditional_input` "
+                    f"concatenated) and got {h.shape[-1]}: inputs {list(inputs.shape)}, conditional_input "
+                    f"{None if conditional_input is None else list(conditional_input.shape)}.")
             if len(h.shape) == 2:
                 return self._run_fused(h)
             # Batch dimensions of any rank: the towers see them flattened.
@@ -267,12 +288,10 @@ class ConvResNet(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.hidden_channels = _positive_int(hidden_channels, "hidden_channels")
-        if isinstance(num_blocks, bool) or int(num_blocks) != num_blocks or num_blocks < 0:
-            raise ValueError(f"`num_blocks` must be a non-negative integer; got {num_blocks!r}.")
-        self.num_blocks = int(num_blocks)
+        self.num_blocks = _positive_int(num_blocks, "num_blocks", allow_zero=True)
         self.output_channels = _output_widths(output_channels, "output_channels")
-        self.kernel_size = _positive_int(kernel_size, "kernel_size")
-        self.l2 = float(l2)
+        self.kernel_size = _square_kernel(kernel_size)
+        self.l2 = l2_penalty(l2)
         self.seed = seed
         self._regularizer = _regularizer(self.l2)
 
@@ -341,4 +360,4 @@ class ConvResNet(keras.layers.Layer):
 
 
 # MADE lives in its own module (it shares nothing with the coupling networks above); exported here.
-from tfp_nvp.made import MADE, MaskedDense  # noqa: E402
+from tfp_nvp.made import MADE, MaskedDense, l2_penalty  # noqa: E402

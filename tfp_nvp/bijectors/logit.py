@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
 
@@ -37,7 +38,8 @@ class LogitTransform(tfb.Bijector):
     def __init__(self, alpha: float = 0.05, dtype=tf.float32, validate_args: bool = False,
                  name: str = "logit_transform"):
         parameters = dict(locals())
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < 0.5:
+        if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
+                or not 0.0 <= alpha < 0.5:
             raise ValueError(f"`alpha` must be a float in [0, 0.5); got {alpha!r}.")
         self._alpha = float(alpha)
         self._low = -self._alpha / (1.0 - 2.0 * self._alpha)
