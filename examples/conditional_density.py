@@ -135,6 +135,8 @@ def main():
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/conditional_density"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must be in [0, 2**32); got {args.seed}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(args.seed)
     num_train, epochs, batch_size = SETTINGS["quick" if args.quick else "default"]

@@ -37,19 +37,34 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="a short run that checks everything works: small model, 3 epochs, no XLA")
-    p.add_argument("--epochs", type=int, default=400, help="upper bound; early stopping usually ends sooner")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget (stops after the epoch)")
+    # None: the full run's value, or --quick's.
+    p.add_argument("--epochs", type=int, default=None,
+                   help="upper bound; early stopping usually ends sooner (default 400; 3 with --quick)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training time budget, stops after the epoch (default 5; 1 with --quick)")
     p.add_argument("--levels", type=int, default=2, help="GLOW levels")
-    p.add_argument("--steps", type=int, default=4, help="flow steps per level")
-    p.add_argument("--hidden", type=int, default=64, help="hidden channels of the coupling networks")
+    p.add_argument("--steps", type=int, default=None, help="flow steps per level (default 4; 2 with --quick)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="hidden channels of the coupling networks (default 64; 32 with --quick)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the class grid")
     p.add_argument("--output-dir", default="outputs/digits_conditional_glow")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    if args.quick:
-        args.epochs, args.minutes, args.steps, args.hidden = 3, 1.0, 2, 32
+    # --quick sets what was not given; what was given stays.
+    for name, full, quick in (("epochs", 400, 3), ("minutes", 5.0, 1.0), ("steps", 4, 2), ("hidden", 64, 32)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    for name in ("epochs", "levels", "steps", "hidden", "batch_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(args, name)}")
+    if not args.minutes > 0 or not args.lr > 0:
+        p.error(f"--minutes and --lr must be positive; got {args.minutes} and {args.lr}")
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0 (0 draws the base's mode); got {args.temperature}")
+    if not 0 <= args.seed < 2**32:
+        p.error(f"--seed must be in [0, 2**32); got {args.seed}")
     return args
 
 

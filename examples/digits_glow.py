@@ -42,7 +42,15 @@ def parse_args():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--output-dir", default="outputs/digits_glow")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    args = p.parse_args()
+    for name in ("epochs", "levels", "steps", "batch_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(args, name)}")
+    if not args.minutes > 0 or not args.lr > 0:
+        p.error(f"--minutes and --lr must be positive; got {args.minutes} and {args.lr}")
+    if not 0 <= args.seed < 2**32:
+        p.error(f"--seed must be in [0, 2**32); got {args.seed}")
+    return args
 
 
 class TimeBudget(keras.callbacks.Callback):

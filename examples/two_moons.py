@@ -175,6 +175,8 @@ def main():
         args.epochs = default_epochs(args.flow, args.num_points)
     if args.epochs <= 0:
         parser.error(f"--epochs must be positive; got {args.epochs}")
+    if not 0 <= args.seed < 2**32 - 10_000:  # the held-out moons use seed + 10 000
+        parser.error(f"--seed must be in [0, 2**32 - 10000); got {args.seed}")
     if args.output_dir is None:
         args.output_dir = Path("outputs/two_moons" + ("" if args.flow == "real_nvp" else f"_{args.flow}"))
     args.output_dir.mkdir(parents=True, exist_ok=True)
