@@ -238,8 +238,8 @@ class FlowModel(keras.Model):
         """`n` samples drawn by pushing base samples forward through the flow."""
         if not tf.is_tensor(n) and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0):
             raise ValueError(f"`n` must be a non-negative integer (the number of samples); got {n!r}.")
-        conditional_input = None if conditional_input is None else self._check_condition(conditional_input)
-        return self._distribution.sample(n, seed=seed, **self._bijector_kwargs(conditional_input))
+        kwargs = self._bijector_kwargs(self._check_condition(conditional_input))
+        return self._distribution.sample(n, seed=seed, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- training
     def compile(self, optimizer=None, **kwargs):

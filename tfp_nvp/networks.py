@@ -359,5 +359,5 @@ class ConvResNet(keras.layers.Layer):
         }
 
 
-# MADE lives in its own module (it shares nothing with the coupling networks above); exported here.
+# MADE lives in its own module (it shares only the `l2` check with the coupling networks above); exported here.
 from tfp_nvp.made import MADE, MaskedDense, l2_penalty  # noqa: E402

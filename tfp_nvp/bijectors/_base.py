@@ -247,6 +247,15 @@ def forget_after_call(key, drop) -> None:
         _reuse.forget.setdefault(key, drop)
 
 
+def keep_for_call(owner, attr: str, value, empty=None) -> None:
+    """Sets `owner.attr = value` (a memo of tensors) where `reuse_allowed()`; an eager `one_call` resets it to
+    `empty` when it ends."""
+    if not reuse_allowed():
+        return
+    setattr(owner, attr, value)
+    forget_after_call(("memo", id(owner), attr), lambda: setattr(owner, attr, empty))
+
+
 def same_graph(a, b) -> bool:
     """Whether two tensors belong to the same graph (both eager counts as the same)."""
     return getattr(a, "graph", None) is getattr(b, "graph", None)

@@ -18,7 +18,7 @@ from tfp_nvp.bijectors._base import (
     as_shape,
     assert_finite,
     check_dtype,
-    forget_after_call,
+    keep_for_call,
     reuse_allowed,
     same_graph,
 )
@@ -290,10 +290,7 @@ class _Coupling(KerasParameterizedBijector):
     # (log|dy/dx|) or the data side `y` (log|dx/dy|) of that call is read from it. Eagerly it lives only for one
     # scoring call (`one_call`), so a tape or a weight update between two eager calls can never meet a stale value.
     def _remember(self, x, y, conditional_input, log_det, inverse):
-        if not reuse_allowed():
-            return
-        self._log_det_memo = (weakref.ref(x), weakref.ref(y), conditional_input, log_det, inverse)
-        forget_after_call(("memo", id(self)), lambda: setattr(self, "_log_det_memo", None))
+        keep_for_call(self, "_log_det_memo", (weakref.ref(x), weakref.ref(y), conditional_input, log_det, inverse))
 
     def _recall(self, t, side, conditional_input):
         """The summed log-det in the direction of `side` ("x": forward, "y": inverse) if `t` was just seen."""

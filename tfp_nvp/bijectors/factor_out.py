@@ -35,7 +35,7 @@ from tfp_nvp.bijectors._base import (
     as_float_dtype,
     as_shape,
     check_event,
-    forget_after_call,
+    keep_for_call,
     reuse_allowed,
     same_graph,
 )
@@ -272,9 +272,7 @@ class FactorOut(KerasParameterizedBijector):
     # by a log-det at either; eagerly it lives only for one scoring call (`one_call`), so a tape or a weight
     # update between two eager calls can never meet a stale value.
     def _remember(self, latent, data, conditional_input, log_sigma):
-        if reuse_allowed():
-            self._log_sigma_memo = (weakref.ref(latent), weakref.ref(data), conditional_input, log_sigma)
-            forget_after_call(("memo", id(self)), lambda: setattr(self, "_log_sigma_memo", None))
+        keep_for_call(self, "_log_sigma_memo", (weakref.ref(latent), weakref.ref(data), conditional_input, log_sigma))
 
     def _log_sigma_at(self, t, arg, conditional_input, latent_side):
         checked = self._check_event(t, arg)
@@ -398,9 +396,7 @@ class OnChannels(tfb.Bijector):
     # the parts of the tensors a call took and returned are therefore remembered, so a later split of either
     # gives the very tensors the inner bijector saw or returned (eagerly: within one scoring call, `one_call`).
     def _remember(self, *pairs):
-        if reuse_allowed():
-            self._parts_memo = [(weakref.ref(whole), parts) for whole, parts in pairs]
-            forget_after_call(("memo", id(self)), lambda: setattr(self, "_parts_memo", ()))
+        keep_for_call(self, "_parts_memo", [(weakref.ref(whole), parts) for whole, parts in pairs], ())
 
     def _split(self, x):
         if reuse_allowed():

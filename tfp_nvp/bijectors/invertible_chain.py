@@ -11,7 +11,7 @@ from tensorflow.python.eager import record as _record  # the switch TF's own tf.
 from tensorflow_probability import bijectors as tfb
 from tensorflow_probability.python.bijectors.chain import _Chain
 
-from tfp_nvp.bijectors._base import forget_after_call, reuse_allowed, same_graph
+from tfp_nvp.bijectors._base import keep_for_call, reuse_allowed, same_graph
 from tfp_nvp.bijectors.actnorm import initialization_settled
 from tfp_nvp.bijectors.factor_out import OnChannels
 
@@ -108,12 +108,9 @@ class InvertibleChain(_Chain):
     # Like the couplings' memo: read back while tracing, or eagerly within one scoring call (`one_call`), so
     # a weight update between two eager calls never meets a stale log-det.
     def _remember(self, y, z, event_ndims, kwargs, ildj):
-        if not reuse_allowed():
-            return
         leaves = tuple(tf.nest.flatten(kwargs))
         entry = (weakref.ref(y), weakref.ref(z), event_ndims, leaves, ildj)
-        self._memo = [entry, *self._memo[: _MEMO_SIZE - 1]]
-        forget_after_call(("memo", id(self)), lambda: setattr(self, "_memo", []))
+        keep_for_call(self, "_memo", [entry, *self._memo[: _MEMO_SIZE - 1]], [])
 
     def _recall(self, t, side, event_ndims, kwargs):
         if not reuse_allowed():
