@@ -347,3 +347,44 @@ def test_sample_weights_weight_training_and_every_reported_mean():
     assert moved
     with pytest.raises(ValueError, match="`sample_weight` needs `x` as arrays"):
         weighted.evaluate(tf.data.Dataset.from_tensor_slices(x).batch(8), sample_weight=w, verbose=0)
+
+
+def test_training_noise_jitters_training_batches_only(tmp_path):
+    """training_noise=s: training batches become x + s * e (per entry), everything else sees x as given."""
+    noise = [0.5, 1.0]
+    x = np.random.default_rng(3).normal(size=(8192, 2)).astype(np.float32)
+    # A new real_nvp is the identity on a standard normal base, so log p(x + s e) = log N(x + s e; 0, I) and
+    # the training NLL exceeds the clean one by E|s e|^2 / 2 = (0.25 + 1) / 2 on average.
+    model = FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=1, hidden_units=(4,), seed=2), training_noise=noise)
+    clean = -np.mean(model.log_prob(x).numpy())
+    np.testing.assert_array_equal(model(x).numpy(), model.log_prob(x).numpy())  # training=False: no noise
+    jittered = -np.mean(model(x, training=True).numpy())
+    np.testing.assert_allclose(jittered - clean, 0.625, atol=0.04)
+    # A zero rate leaves the flow as it is: fit's NLL is that of jittered batches, evaluate's is the clean one.
+    model.compile(optimizer=keras.optimizers.Adam(0.0))
+    h = model.fit(x, epochs=1, batch_size=1024, validation_data=(x,), verbose=0).history
+    np.testing.assert_allclose(h["nll"][0] - clean, 0.625, atol=0.04)
+    np.testing.assert_allclose(h["val_nll"][0], clean, rtol=1e-5)
+    np.testing.assert_allclose(model.evaluate(x, batch_size=1024, verbose=0, return_dict=True)["nll"], clean,
+                               rtol=1e-5)
+    # Per-entry scales: only the first entry jittered.
+    one = FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=1, hidden_units=(4,), seed=2), training_noise=[0.5, 0])
+    np.testing.assert_allclose(-np.mean(one(x, training=True).numpy()) - clean, 0.125, atol=0.02)
+    # Saved with the model.
+    model.save(tmp_path / "noisy.keras")
+    assert keras.saving.load_model(tmp_path / "noisy.keras").training_noise == noise
+
+
+@pytest.mark.parametrize("bad, match", [
+    (-0.1, ">= 0"), (float("nan"), ">= 0"), (True, ">= 0"), ("a", "number"),
+    ([0.1, 0.2, 0.3], r"event shape \[2\]"), ([[[0.1]]], r"event shape \[2\]; got shape \[1, 1, 1\]"),
+])
+def test_training_noise_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=f"`training_noise`.*{match}"):
+        FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=1, hidden_units=(4,)), training_noise=bad)
+
+
+def test_training_noise_and_levels_exclude_each_other():
+    with pytest.raises(ValueError, match="`training_noise` is for continuous data"):
+        FlowModel(tfp_nvp.real_nvp([4, 4, 1], num_coupling_layers=1, hidden_units=(4,)), levels=5,
+                  training_noise=0.1)

@@ -114,6 +114,15 @@ class FlowModel(keras.Model):
     evaluation) is dequantized with fresh uniform noise, `(x + u) / L`, and `bits_per_dim` is reported next to
     `nll` (`val_bits_per_dim` for early stopping). `log_prob` and `sample` stay in the flow's continuous space.
 
+    Noise regularization: with `training_noise=s` every training batch of continuous data is jittered with
+    fresh Gaussian noise of standard deviation `s` (a scalar, or one value per event entry), so the flow fits
+    the data smoothed by a small kernel instead of the sample's exact points. That is what keeps a flow on a
+    few thousand points from overfitting them (Rothfuss et al., 2019, "Noise regularization for conditional
+    density estimation"). Evaluation, `validation_data`, `log_prob` and `sample` see the data as given, and the
+    reported training `nll` is that of the jittered batches. The price is a bias: the model of `p` convolved
+    with the noise. Keep `s` a fraction of the finest scale in the data (on two moons, 0.4 of the arcs' width
+    cost 0.005 nats of bias and bought 0.01-0.02).
+
     Speed: for array inputs `fit` feeds Keras one shuffled, repeated `tf.data` pipeline with `steps_per_epoch`
     set, so the input iterator is built once per `fit` instead of twice per epoch (for training and again for
     validation), which dominates small-data epochs; each epoch is still one shuffled pass over the data. The
@@ -129,7 +138,7 @@ class FlowModel(keras.Model):
       >>> model.log_prob(x), model.sample(100, seed=0)
     """
 
-    def __init__(self, distribution: tfd.Distribution, levels: int | None = None, **kwargs):
+    def __init__(self, distribution: tfd.Distribution, levels: int | None = None, training_noise=None, **kwargs):
         if isinstance(distribution, dict):  # from_config
             spec = distribution
             distribution = flows.BUILDERS[spec["builder"]](**spec["config"])
@@ -144,6 +153,7 @@ class FlowModel(keras.Model):
         if levels is not None and (isinstance(levels, bool) or int(levels) != levels or levels < 2):
             raise ValueError(f"`levels` must be an integer >= 2 (number of discrete values) or None; got {levels!r}.")
         self.levels = None if levels is None else int(levels)
+        self.training_noise = self._check_training_noise(training_noise, distribution)
         self._num_dims = int(np.prod(distribution.event_shape.as_list()))
         self.nll_tracker = keras.metrics.Mean(name="nll")
         trackers = [self.nll_tracker]
@@ -154,6 +164,27 @@ class FlowModel(keras.Model):
             tracker._direction = "down"  # lets EarlyStopping("val_nll") etc. work without mode="min"
         self._flow_metrics = _MetricsList(trackers, name="flow_metrics") if _MetricsList else trackers
         self.built = True
+
+    def _check_training_noise(self, training_noise, distribution):
+        """`training_noise` as None, a float or a list of floats broadcastable to the event shape."""
+        if training_noise is None:
+            return None
+        if self.levels is not None:
+            raise ValueError("`training_noise` is for continuous data; with `levels` the dequantization noise "
+                             "already jitters every batch. Leave one of them unset.")
+        try:
+            noise = np.asarray(training_noise, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"`training_noise` must be a number or an array of numbers; got {training_noise!r}.") from e
+        if isinstance(training_noise, bool) or not np.all(np.isfinite(noise)) or np.any(noise < 0):
+            raise ValueError(f"`training_noise` must be finite and >= 0 (a standard deviation); got {training_noise!r}.")
+        event_shape = distribution.event_shape.as_list()
+        try:
+            np.broadcast_to(noise, event_shape)
+        except ValueError:
+            raise ValueError(f"`training_noise` must be a scalar or broadcast to the event shape {event_shape}; "
+                             f"got shape {list(noise.shape)}.") from None
+        return float(noise) if noise.ndim == 0 else noise.tolist()
 
     def _check_both_doors(self):
         keras_side = {id(w.value) for w in self.trainable_weights}
@@ -224,6 +255,9 @@ class FlowModel(keras.Model):
             # Fresh uniform noise every batch: the flow never sees the same continuous point twice, which is
             # what keeps a flow on a small discrete dataset from overfitting the dequantization.
             x = images.dequantize(x, self.levels, dtype=self._distribution.dtype)
+        elif training and self.training_noise is not None:
+            scale = tf.constant(self.training_noise, self._distribution.dtype)
+            x = x + scale * tf.random.normal(tf.shape(x), dtype=self._distribution.dtype)
         return self._distribution.log_prob(x, **self._bijector_kwargs(c))
 
     def log_prob(self, x, conditional_input=None):
@@ -437,7 +471,8 @@ class FlowModel(keras.Model):
                 "Only flows made by tfp_nvp builders with their default base can be saved as `.keras` files; "
                 "use `save_weights` / `load_weights` on a model built the same way instead."
             )
-        return {**super().get_config(), "distribution": spec, "levels": self.levels}
+        return {**super().get_config(), "distribution": spec, "levels": self.levels,
+                "training_noise": self.training_noise}
 
     @classmethod
     def from_config(cls, config):
