@@ -9,9 +9,10 @@ scoring), and appends one JSON line to `--out`:
     python benchmarks/two_moons_recipes.py --name c12 --seeds 0 num_coupling_layers=12
 
 Overrides are `key=value` with a Python literal value: the recipe's own keys (`learning_rate`, `epochs`,
-`jit_compile`, `warmup`, `clipnorm`, `batch_size`, `steps_per_execution`, `validation_split`), `num_points` (training
-moons, default 3000; without `epochs=` the recipe's number of steps is kept, as in the example's `--num-points`)
-or the flow builder's (`num_coupling_layers`, `hidden_units`, ...). Every seed runs in its own process, one after
+`jit_compile`, `warmup`, `clipnorm`, `batch_size`, `steps_per_execution`, `validation_split`, `jitter`:
+training noise as a fraction of the moons' own, 0 for none), `num_points` (training moons, default 3000;
+without `epochs=` the recipe's number of steps is kept, as in the example's `--num-points`) or the flow
+builder's (`num_coupling_layers`, `hidden_units`, ...). Every seed runs in its own process, one after
 another.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # Recipe entries `examples/two_moons.py`'s train() reads when present; anything else goes to the flow builder.
 TRAINING_KEYS = ("learning_rate", "epochs", "jit_compile", "warmup", "clipnorm", "batch_size", "steps_per_execution",
-                 "validation_split", "num_points")
+                 "validation_split", "jitter", "num_points")
 
 
 def run_one(name: str, seed: int, overrides: list[str], flow: str) -> dict:
@@ -60,7 +61,20 @@ def run_one(name: str, seed: int, overrides: list[str], flow: str) -> dict:
                 epochs=curve["epochs"][-1], load_average=round(os.getloadavg()[0], 2))
 
 
-def main():
+def parse_args(parser, argv):
+    """Parse `argv`, taking every `key=value` word as an override wherever it stands.
+
+    Overrides may follow `--seeds 0 1 2`, where argparse alone would read them as more seeds.
+    """
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    if args.overrides:
+        parser.error(f"overrides are key=value; got {args.overrides}")
+    args.overrides = overrides
+    return args
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="recipe entries as key=value")
     parser.add_argument("--name", default="variant")
@@ -68,7 +82,11 @@ def main():
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out", default=str(HERE / "results" / "two_moons_recipes.jsonl"))
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = parse_args(build_parser(), sys.argv[1:])
     if args.worker is not None:
         print(json.dumps(run_one(args.name, args.worker, args.overrides, args.flow)))
         return

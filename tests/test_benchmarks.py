@@ -156,3 +156,17 @@ def test_equal_time_takes_the_last_evaluation_within_the_budget():
     early = {r["key"]: r for r in two_moons.equal_time(curves, 0.05)["rows"]}
     assert early["fast"]["nll"] is None and early["fast"]["seeds_scored"] == 0
     assert two_moons.equal_time({}, None) is None
+
+
+def test_recipe_overrides_may_follow_the_seeds(capsys):
+    recipes = load("two_moons_recipes")
+    args = recipes.parse_args(recipes.build_parser(),
+                              ["--flow", "spline", "--seeds", "0", "1", "2", "jitter=0", "epochs=130"])
+    assert args.seeds == [0, 1, 2] and args.flow == "spline"
+    assert args.overrides == ["jitter=0", "epochs=130"]
+    with pytest.raises(SystemExit):
+        recipes.parse_args(recipes.build_parser(), ["--seeds", "0", "jitter"])
+    assert "invalid int value: 'jitter'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipes.parse_args(recipes.build_parser(), ["jitter"])
+    assert "overrides are key=value; got ['jitter']" in capsys.readouterr().err
