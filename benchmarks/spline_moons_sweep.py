@@ -5,9 +5,11 @@ The recipe is JSON on the command line; keys missing from it come from examples/
     python benchmarks/spline_moons_sweep.py '{"flow": {"num_coupling_layers": 4, "hidden_units": [32, 32]}}'
     python benchmarks/spline_moons_sweep.py '{"learning_rate": 1e-2, "epochs": 120, "batch_size": 150}' --seed 1
 
-Keys: learning_rate, epochs, batch_size, jit_compile, validation_split, ema_momentum (Keras' weight averaging), and flow (keyword arguments of `tfp_nvp.spline_flow`,
-merged into the example's). Training is the example's own `train` (validation split, early stopping, cosine
-decay), so a recipe measured here behaves the same when copied into the example. Run recipes one at a time:
+Keys: learning_rate, epochs, batch_size, jit_compile, validation_split, ema_momentum (Keras' weight averaging),
+jitter (training noise as a fraction of the moons' own noise; 0 for none), and flow (keyword arguments of
+`tfp_nvp.spline_flow`, merged into the example's). Training is the example's own `build_model` and `train`
+(training noise, validation split and early stopping if set, cosine decay), so a recipe measured here behaves
+the same when copied into the example. Run recipes one at a time:
 on a shared machine wall time counts other people's work, process CPU time divided by the cores does not.
 """
 
