@@ -12,8 +12,10 @@ towers of 4 hidden ReLU layers x 256 units, batch 256):
   `tf.function(jit_compile=True)` step over pre-shuffled batches (the loop of `two_moons.py`'s `run_tfp`).
 
 Training is timed in steps per second over a few epochs after a warm-up (tracing and XLA compilation excluded);
-`log_prob` and `sample` in points per second for one jit-compiled `tf.function` call on `--points` points each
-side. Every figure is the best of `--rounds` interleaved rounds: on a shared machine noise only slows a run down.
+`log_prob` and `sample` in points per second for one `tf.function` call on `--points` points each side, both
+jit-compiled and not (without XLA the graph runs as written, so what each flow computes shows; with XLA both
+spend nearly all their time in the same matmuls), and each side's faster mode against the other's. Every
+figure is the best of `--rounds` interleaved rounds: on a shared machine noise only slows a run down.
 
     python benchmarks/throughput.py            # a few minutes on 2 cores
     python benchmarks/throughput.py --quick    # smoke run
@@ -43,6 +45,12 @@ from two_moons import tfp_flow, xla_adam_step  # noqa: E402  (benchmarks/two_moo
 
 
 COUPLINGS, HIDDEN = 6, (256,) * 4
+
+
+def matmul_flops_per_point() -> int:
+    """Multiply-adds x 2 in one pass of every coupling's two towers for one 2-D point (1 unit in, 1 out)."""
+    sizes = [1, *HIDDEN, 1]
+    return COUPLINGS * 2 * sum(2 * a * b for a, b in zip(sizes, sizes[1:]))
 
 
 # ------------------------------------------------------------------------------------------------ TFP side
@@ -128,15 +136,15 @@ def best_rate(runners, warmup, work, rounds, amount):
     return best
 
 
-def eval_runners(points, seed=0):
-    """Jit-compiled `log_prob` and `sample` calls on `points` points for each side."""
+def eval_runners(points, seed=0, jit_compile=True):
+    """`log_prob` and `sample` calls on `points` points for each side, as `tf.function`s with or without XLA."""
     ours = ours_model(seed).distribution
     theirs = tfb_flow(seed)
     x = tf.constant(two_moons(points, seed=seed + 1))
     out = {}
     for side, dist in (("tfp_nvp", ours), ("tfb.RealNVP", theirs)):
-        log_prob = tf.function(lambda x, dist=dist: dist.log_prob(x), jit_compile=True)
-        sample = tf.function(lambda s, dist=dist: dist.sample(points, seed=s), jit_compile=True)
+        log_prob = tf.function(lambda x, dist=dist: dist.log_prob(x), jit_compile=jit_compile)
+        sample = tf.function(lambda s, dist=dist: dist.sample(points, seed=s), jit_compile=jit_compile)
         seeds = iter(range(1, 10**9))
 
         def run_log_prob(n, f=log_prob):
@@ -188,20 +196,27 @@ def main():
         "tfb.RealNVP, tf.function(jit_compile=True) loop": TfbTrainer(x, args.batch),
     }, warmup=1, work=args.epochs, rounds=args.rounds, amount=steps)
     print("log_prob and sample (points/s) ...", flush=True)
-    ev = eval_runners(args.points)
-    log_prob = best_rate({side: fns[0] for side, fns in ev.items()}, warmup=1, work=args.calls,
-                         rounds=args.rounds, amount=args.calls * args.points)
-    sample = best_rate({side: fns[1] for side, fns in ev.items()}, warmup=1, work=args.calls,
-                       rounds=args.rounds, amount=args.calls * args.points)
+    evaluation = {}  # (mode, "log_prob" | "sample") -> {side: rate}
+    for mode, jit in (("jit-compiled", True), ("no XLA", False)):
+        ev = eval_runners(args.points, jit_compile=jit)
+        for i, label in enumerate(("log_prob", "sample")):
+            evaluation[(mode, label)] = best_rate({side: fns[i] for side, fns in ev.items()}, warmup=1,
+                                                  work=args.calls, rounds=args.rounds,
+                                                  amount=args.calls * args.points)
     load_after = load_average()
 
     ref_train = train["tfb.RealNVP, tf.function(jit_compile=True) loop"]
     rows = [(f"train: {name}", "steps/s", rate, rate / ref_train) for name, rate in train.items()]
-    for label, results in (("log_prob", log_prob), ("sample", sample)):
-        ref = results["tfb.RealNVP"]
-        for side, rate in results.items():
-            rows.append((f"{label}: {side} (jit-compiled tf.function, {args.points} points)", "points/s", rate,
-                         rate / ref))
+    for label in ("log_prob", "sample"):
+        for mode in ("jit-compiled", "no XLA"):
+            results = evaluation[(mode, label)]
+            for side, rate in results.items():
+                rows.append((f"{label}: {side} ({mode} tf.function, {args.points} points)", "points/s", rate,
+                             rate / results["tfb.RealNVP"]))
+        best = {side: max(evaluation[(m, label)][side] for m in ("jit-compiled", "no XLA"))
+                for side in ("tfp_nvp", "tfb.RealNVP")}
+        rows.append((f"{label}: tfp_nvp's faster mode against tfb.RealNVP's", "points/s", best["tfp_nvp"],
+                     best["tfp_nvp"] / best["tfb.RealNVP"]))
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     conditions = (f"{when}; {os.cpu_count()} CPUs ({platform.machine()}), load average (1, 5, 15 min) "
                   f"{load_before} before, {load_after} after; TF {tf.__version__}, Keras {keras.__version__}, "
@@ -210,13 +225,19 @@ def main():
     print()
     print(conditions)
     print()
-    print("| what | unit | rate | vs tfb.RealNVP |")
-    print("|---|---|---:|---:|")
+    # A flow needs one pass of every tower per point for log_prob or sample; counting just that work, the rate
+    # in GFLOP/s shows how close each side comes to what the cores can do (and whether it computes more).
+    flops = matmul_flops_per_point()
+    print(f"log_prob / sample: {flops / 1e6:.2f} MFLOP of matmuls needed per point (one pass of every tower)")
+    print()
+    print("| what | unit | rate | vs tfb.RealNVP | needed matmul GFLOP/s |")
+    print("|---|---|---:|---:|---:|")
     for what, unit, rate, ratio in rows:
-        print(f"| {what} | {unit} | {rate:,.1f} | {ratio:.2f} |")
+        gflops = f"{rate * flops / 1e9:.0f}" if unit == "points/s" else "-"
+        print(f"| {what} | {unit} | {rate:,.1f} | {ratio:.2f} | {gflops} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"conditions": conditions, "args": vars(args),
+            json.dump({"conditions": conditions, "args": vars(args), "matmul_flops_per_point": flops,
                        "rows": [dict(what=w, unit=u, rate=r, ratio=q) for w, u, r, q in rows]}, f, indent=1)
         print(f"\nwrote {args.json}")
 
