@@ -116,12 +116,12 @@ class FlowModel(keras.Model):
 
     Noise regularization: with `training_noise=s` every training batch of continuous data is jittered with
     fresh Gaussian noise of standard deviation `s` (a scalar, or one value per event entry), so the flow fits
-    the data smoothed by a small kernel instead of the sample's exact points. That is what keeps a flow on a
-    few thousand points from overfitting them (Rothfuss et al., 2019, "Noise regularization for conditional
+    the data smoothed by a small kernel instead of the sample's exact points, which counters the overfitting of
+    a flow trained on a few thousand points (Rothfuss et al., 2019, "Noise regularization for conditional
     density estimation"). Evaluation, `validation_data`, `log_prob` and `sample` see the data as given, and the
-    reported training `nll` is that of the jittered batches. The price is a bias: the model of `p` convolved
-    with the noise. Keep `s` a fraction of the finest scale in the data (on two moons, 0.4 of the arcs' width
-    cost 0.005 nats of bias and bought 0.01-0.02).
+    reported training `nll` is that of the jittered batches. The price is a bias: the flow models `p` convolved
+    with the noise. Keep `s` a fraction of the finest scale in the data: on two moons, noise of 40% of the
+    arcs' own width adds a bias of about 0.005 nats and lowered the held-out NLL of 3000-point fits by more.
 
     Speed: for array inputs `fit` feeds Keras one shuffled, repeated `tf.data` pipeline with `steps_per_epoch`
     set, so the input iterator is built once per `fit` instead of twice per epoch (for training and again for
