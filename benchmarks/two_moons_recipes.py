@@ -66,8 +66,12 @@ def parse_args(parser, argv):
 
     Overrides may follow `--seeds 0 1 2`, where argparse alone would read them as more seeds.
     """
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_args([a for a in argv if a not in overrides])
+    takes_value = {"--name", "--flow", "--out", "--worker"}  # their value may itself contain "="
+    overrides, rest = [], []
+    for i, a in enumerate(argv):
+        is_value = i > 0 and argv[i - 1] in takes_value
+        (overrides if "=" in a and not a.startswith("-") and not is_value else rest).append(a)
+    args = parser.parse_args(rest)
     if args.overrides:
         parser.error(f"overrides are key=value; got {args.overrides}")
     args.overrides = overrides

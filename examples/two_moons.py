@@ -13,8 +13,8 @@ budget with a little training noise (FlowModel's `training_noise`), FFJORD holds
 
 On the book's 3000 points the training NLL of a flow goes below the bound while the held-out NLL stalls:
 3000 points are what limits it (a kernel density estimate with the bandwidth picked on the test set does worse
-still). Jittering each training batch with a fraction of the moons' own noise is what closes most of that gap
-(the spline recipe ends about 0.02 nats above the bound). Fresh moons cost nothing: `--num-points 30000` keeps
+still). Jittering each training batch with a fraction of the moons' own noise closes about half of that gap
+(the spline recipe ends about 0.02 nats above the bound, from 0.045). Fresh moons cost nothing: `--num-points 30000` keeps
 each recipe's number of training steps (fewer, longer epochs).
 
 Figures (PNG) in the output folder:
@@ -61,8 +61,9 @@ BATCH_SIZE = 300
 # Noise regularization (`jitter`, FlowModel's `training_noise`): each training batch is jittered by Gaussian
 # noise of 40% of the moons' own noise (0.02 before standardizing). On 3000 points the flows' held-out NLL is
 # limited by the sample, not the flow (the training NLL ends below the bound); the jitter smooths the sample a
-# little, at a bias of ~0.005 nats, and bought 0.005-0.02 (benchmarks/README.md). With it the spline flow no
-# longer needs early stopping, and twice as many epochs kept improving where the validation NLL had turned up.
+# little, at a bias of ~0.005 nats, and lowered the median held-out NLL by 0.02-0.03 (benchmarks/README.md).
+# With it the spline flow no longer needs early stopping, and twice as many epochs kept improving where the
+# validation NLL had turned up.
 RECIPES = {
     "real_nvp": dict(builder=tfp_nvp.real_nvp, learning_rate=5e-3, warmup=0.05, clipnorm=1.0, epochs=170,
                      jit_compile=False, validation_split=0.0, jitter=0.4,

@@ -164,6 +164,8 @@ def test_recipe_overrides_may_follow_the_seeds(capsys):
                               ["--flow", "spline", "--seeds", "0", "1", "2", "jitter=0", "epochs=130"])
     assert args.seeds == [0, 1, 2] and args.flow == "spline"
     assert args.overrides == ["jitter=0", "epochs=130"]
+    args = recipes.parse_args(recipes.build_parser(), ["--name", "lr=1e-3", "learning_rate=1e-3", "--seeds", "1"])
+    assert args.name == "lr=1e-3" and args.overrides == ["learning_rate=1e-3"] and args.seeds == [1]
     with pytest.raises(SystemExit):
         recipes.parse_args(recipes.build_parser(), ["--seeds", "0", "jitter"])
     assert "invalid int value: 'jitter'" in capsys.readouterr().err

@@ -370,13 +370,22 @@ def test_training_noise_jitters_training_batches_only(tmp_path):
     # Per-entry scales: only the first entry jittered.
     one = FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=1, hidden_units=(4,), seed=2), training_noise=[0.5, 0])
     np.testing.assert_allclose(-np.mean(one(x, training=True).numpy()) - clean, 0.125, atol=0.02)
-    # Saved with the model.
+    # Saved with the model, and fixed: the traced training step holds it.
     model.save(tmp_path / "noisy.keras")
     assert keras.saving.load_model(tmp_path / "noisy.keras").training_noise == noise
+    with pytest.raises(AttributeError):
+        model.training_noise = 0.1
+    # Conditional flows: the data entry of dict inputs is jittered (the condition is passed as given).
+    cond = FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=1, hidden_units=(4,), conditional_shape=[3], seed=2),
+                     training_noise=noise)
+    inputs = {"x": x, "conditional_input": np.ones([len(x), 3], np.float32)}
+    np.testing.assert_allclose(-np.mean(cond(inputs, training=True).numpy()) - clean, 0.625, atol=0.04)
+    np.testing.assert_array_equal(cond(inputs).numpy(), model.log_prob(x).numpy())
 
 
 @pytest.mark.parametrize("bad, match", [
-    (-0.1, ">= 0"), (float("nan"), ">= 0"), (True, ">= 0"), ("a", "number"),
+    (-0.1, ">= 0"), (float("nan"), ">= 0"), (True, "number"), (np.True_, "number"), ([True, False], "number"),
+    ("a", "number"), ("0.1", "number"), ([0.1, "0.2"], "number"), ([[0.1], [0.1, 0.2]], "number"),
     ([0.1, 0.2, 0.3], r"event shape \[2\]"), ([[[0.1]]], r"event shape \[2\]; got shape \[1, 1, 1\]"),
 ])
 def test_training_noise_rejects_bad_values(bad, match):
