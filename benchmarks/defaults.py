@@ -74,6 +74,11 @@ RECIPES = {
     "quickstart": dict(quickstart=True),
     # the same with tfp_nvp.FusedAdam (same update rule, one fused op per weight) in place of Keras' Adam
     "quickstart-fused": dict(quickstart=True, fused=True),
+    # the same with FlowModel(training_noise=s): every training batch jittered by N(0, s^2) (standardized units)
+    "quickstart-noise0.02": dict(quickstart=True, noise=0.02),
+    "quickstart-noise0.03": dict(quickstart=True, noise=0.03),
+    "quickstart-noise0.04": dict(quickstart=True, noise=0.04),
+    "quickstart-noise0.05": dict(quickstart=True, noise=0.05),
 }
 
 
@@ -110,7 +115,8 @@ def run_one(name: str, seed: int) -> dict:
     clock = _FirstStepClock(keras)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     if recipe.get("quickstart"):
-        model, history = run_quickstart(x, seed, extra_callbacks=[clock.callback], fused=recipe.get("fused", False))
+        model, history = run_quickstart(x, seed, extra_callbacks=[clock.callback], fused=recipe.get("fused", False),
+                                        noise=recipe.get("noise"))
     elif recipe.get("package"):
         model = tfp_nvp.FlowModel(tfp_nvp.real_nvp([2], seed=seed))
         model.compile()
@@ -143,12 +149,12 @@ def run_one(name: str, seed: int) -> dict:
                 wall=wall, finite=bool(np.isfinite(nll)))
 
 
-def run_quickstart(x, seed, extra_callbacks=(), fused=False):
+def run_quickstart(x, seed, extra_callbacks=(), fused=False, noise=None):
     """The README quick start: the package's defaults, 150 epochs (1800 steps of 256)."""
     import tfp_nvp
 
     flow = tfp_nvp.real_nvp([2], seed=seed)
-    model = tfp_nvp.FlowModel(flow)
+    model = tfp_nvp.FlowModel(flow, training_noise=noise)
     model.compile(optimizer=tfp_nvp.FusedAdam(tfp_nvp.WarmupCosineDecay()) if fused else None)
     history = model.fit(x, epochs=150, verbose=0, callbacks=list(extra_callbacks))
     return model, history
