@@ -14,8 +14,8 @@ budget with a little training noise (FlowModel's `training_noise`), FFJORD holds
 On the book's 3000 points the training NLL of a flow goes below the bound while the held-out NLL stalls:
 3000 points are what limits it (a kernel density estimate with the bandwidth picked on the test set does worse
 still). Jittering each training batch with a fraction of the moons' own noise closes about half of that gap
-(the spline recipe ends about 0.02 nats above the bound, from 0.045). Fresh moons cost nothing: `--num-points 30000` keeps
-each recipe's number of training steps (fewer, longer epochs).
+(the spline recipe ends about 0.02 nats above the bound, from 0.045). Fresh moons cost nothing:
+`--num-points 30000` keeps each recipe's number of training steps (fewer, longer epochs).
 
 Figures (PNG) in the output folder:
   before_training.png / after_training.png  data -> latent (top) and latent -> data (bottom), inputs left
