@@ -85,6 +85,14 @@ FLOWS = {
     # the same with the plain (non-LU) 1x1 conv
     "glow_plain": ("glow", dict(image_shape=[4, 4, 2], num_levels=2, num_steps_per_level=1, hidden_channels=4,
                                 lu_decomposed=False, seed=4), (6, 4, 4, 2)),
+    # rational-quadratic spline couplings (TFP's spline inside the recomputed step), conditioned
+    "spline_flow_conditional": ("spline_flow", dict(event_shape=[5], num_coupling_layers=3, hidden_units=(8,),
+                                                    conditional_shape=[3], seed=5), (16, 5)),
+    # MAF layers and the tfb.Permute between them: rebuilding a layer's input is its sequential sampling pass
+    "maf": ("maf", dict(event_shape=[4], num_layers=3, hidden_units=(8,), seed=6), (16, 4)),
+    # IAF, conditioned: its density pass is the sequential one
+    "iaf_conditional": ("iaf", dict(event_shape=[4], num_layers=2, hidden_units=(8,), conditional_shape=[3],
+                                    seed=7), (16, 4)),
 }
 
 
@@ -96,7 +104,8 @@ def _data(kind, shape, dtype, seed=0):
 
 
 # glow_lu runs in float32 below (eager, tf.function, XLA): eager GLOW is slow, one float64 GLOW is enough.
-@pytest.mark.parametrize("kind", ["real_nvp_conv1x1", "real_nvp_conditional", "glow_plain"])
+@pytest.mark.parametrize("kind", ["real_nvp_conv1x1", "real_nvp_conditional", "glow_plain", "spline_flow_conditional",
+                                  "maf", "iaf_conditional"])
 def test_float64_gradients_and_log_prob_equal_standard_backprop(kind):
     builder, kwargs, shape = FLOWS[kind]
     standard, invertible = (_build(builder, flag, dtype="float64", **kwargs) for flag in (False, True))
@@ -182,6 +191,47 @@ def test_keras_file_round_trip_and_helpers(tmp_path):
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded.distribution.bijector, InvertibleChain)
     np.testing.assert_array_equal(loaded.log_prob(x, conditional_input=c), model.log_prob(x, conditional_input=c))
+
+
+@pytest.mark.parametrize("builder", ["spline_flow", "maf", "iaf"])
+def test_later_builders_take_the_flag_and_reload_with_it(builder, tmp_path):
+    flow = getattr(tfp_nvp, builder)([3], 2, hidden_units=(8,), seed=1, invertible_backprop=True)
+    assert isinstance(flow.bijector, InvertibleChain)
+    assert flow._tfp_nvp_spec["config"]["invertible_backprop"] is True
+    assert not isinstance(getattr(tfp_nvp, builder)([3], 2, hidden_units=(8,)).bijector, InvertibleChain)
+    _set_random_weights([flow], seed=19)
+    model = FlowModel(flow)
+    x = np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32)
+    model.save(tmp_path / "flow.keras")
+    loaded = keras.saving.load_model(tmp_path / "flow.keras")
+    assert isinstance(loaded.distribution.bijector, InvertibleChain)
+    np.testing.assert_array_equal(loaded.log_prob(x), model.log_prob(x))
+    with pytest.raises(TypeError, match="`invertible_backprop` must be True or False"):
+        getattr(tfp_nvp, builder)([3], invertible_backprop=None)
+
+
+@pytest.mark.parametrize("builder", ["iaf", "real_nvp"])
+def test_surrogate_gradient_of_own_samples_uses_the_forward_pass(builder, monkeypatch):
+    """tfp.vi's loss scores the flow's own samples: the log-det comes from the sampling pass (standard
+    backprop), so the invertible chain adds no density pass, and the gradient is the plain chain's."""
+    passes = []
+    density_pass = InvertibleChain._density_pass
+    monkeypatch.setattr(InvertibleChain, "_density_pass", lambda self, *a: passes.append(1) or density_pass(self, *a))
+    kwargs = dict(event_shape=[4], hidden_units=(8,), seed=8, dtype="float64")
+    kwargs["num_layers" if builder == "iaf" else "num_coupling_layers"] = 3
+    flows = [_build(builder, flag, **kwargs) for flag in (False, True)]
+    _set_random_weights(flows, seed=23, keep_vectors=True)
+
+    def surrogate_loss(flow):
+        with tf.GradientTape() as tape:
+            z, log_q = flow.experimental_sample_and_log_prob(32, seed=(3, 4))
+            loss = tf.reduce_mean(log_q + 0.5 * tf.reduce_sum(z**2, -1))   # KL to N(0, I) up to a constant
+        return loss, tape.gradient(loss, flow.trainable_variables)
+
+    (loss_std, g_std), (loss_inv, g_inv) = (tf.function(surrogate_loss)(f) for f in flows)
+    assert not passes, "scoring the flow's own samples ran the invertible density pass"
+    np.testing.assert_allclose(loss_inv, loss_std, rtol=1e-12)
+    _assert_same_gradients(g_std, g_inv, F64_RTOL)
 
 
 def test_bad_arguments():

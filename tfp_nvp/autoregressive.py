@@ -8,7 +8,8 @@ import tensorflow_probability as tfp
 
 from tfp_nvp.bijectors._base import as_shape
 from tfp_nvp.bijectors.autoregressive import MaskedAutoregressive
-from tfp_nvp.flows import BUILDERS, _check_base, _Flow, _positive, _remember
+from tfp_nvp.bijectors.invertible_chain import InvertibleChain
+from tfp_nvp.flows import BUILDERS, _check_base, _flag, _Flow, _positive, _remember
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -16,7 +17,8 @@ __all__ = ["maf", "iaf"]
 
 
 def _autoregressive_flow(builder, direction, event_shape, num_layers, hidden_units, activation, log_scale_bound,
-                         conditional_shape, base_distribution, dtype, seed, validate_args, name):
+                         conditional_shape, base_distribution, dtype, seed, validate_args, name,
+                         invertible_backprop):
     event_shape = as_shape(event_shape, "event_shape")
     if len(event_shape) != 1:
         raise ValueError(
@@ -30,6 +32,7 @@ def _autoregressive_flow(builder, direction, event_shape, num_layers, hidden_uni
         log_scale_bound=log_scale_bound,
         conditional_shape=None if conditional_shape is None else list(conditional_shape),
         dtype=dtype, seed=seed, validate_args=bool(validate_args), name=name,
+        invertible_backprop=_flag(invertible_backprop, "invertible_backprop"),
     )
     base = _check_base(base_distribution, event_shape, dtype)
     steps = []
@@ -45,7 +48,8 @@ def _autoregressive_flow(builder, direction, event_shape, num_layers, hidden_uni
             name=f"{name}_{direction}_{i}",
         ))
     # tfb.Chain applies its list right to left: sampling runs layer 0 first, the density pass runs it last.
-    chain = tfb.Chain(list(reversed(steps)), validate_args=validate_args, name=name)
+    chain_type = InvertibleChain if invertible_backprop else tfb.Chain
+    chain = chain_type(list(reversed(steps)), validate_args=validate_args, name=name)
     dist = _Flow(base, chain, validate_args=validate_args, name=name)
     if base_distribution is not None:
         config["base_distribution"] = "custom"
@@ -64,6 +68,7 @@ def maf(
     seed: int | None = None,
     validate_args: bool = False,
     name: str = "maf",
+    invertible_backprop: bool = False,
 ) -> tfd.TransformedDistribution:
     """Masked autoregressive flow (Papamakarios et al., 2017): `num_layers` MAF layers, reversed in between.
 
@@ -73,6 +78,9 @@ def maf(
     `tfb.Permute` reversing the dimensions between consecutive layers. `conditional_shape=[C]` makes every
     layer conditional; pass the condition with `bijector_kwargs=tfp_nvp.conditional_kwargs(flow, c)`.
     Vector events `[D]` only. Saved and reloaded like `real_nvp` (`FlowModel` `.keras` files and weights).
+    `invertible_backprop=True` chains the layers with `tfp_nvp.InvertibleChain` (training memory flat in
+    depth); rebuilding a layer's input is its sampling pass, so each layer's network then runs `D + 1` more
+    times per training step.
 
     Example:
       >>> flow = maf([2], num_layers=4, hidden_units=(32, 32))
@@ -80,7 +88,8 @@ def maf(
       TensorShape([3])
     """
     return _autoregressive_flow("maf", "maf", event_shape, num_layers, hidden_units, activation, log_scale_bound,
-                                conditional_shape, base_distribution, dtype, seed, validate_args, name)
+                                conditional_shape, base_distribution, dtype, seed, validate_args, name,
+                                invertible_backprop)
 
 
 def iaf(
@@ -95,6 +104,7 @@ def iaf(
     seed: int | None = None,
     validate_args: bool = False,
     name: str = "iaf",
+    invertible_backprop: bool = False,
 ) -> tfd.TransformedDistribution:
     """Inverse autoregressive flow (Kingma et al., 2016): the mirror image of `maf`, built the same way.
 
@@ -106,9 +116,12 @@ def iaf(
 
     `log_prob` of arbitrary data runs each layer's network `D` times. Layers are named `f"{name}_iaf_{i}"`;
     `flow.bijector` is the whole transformation, for use on another base distribution. Vector events only.
+    `invertible_backprop=True` chains the layers with `tfp_nvp.InvertibleChain`; it changes the gradient of
+    `log_prob` only (of data: `D` more network runs per layer), not that of the samples a surrogate trains on.
     """
     return _autoregressive_flow("iaf", "iaf", event_shape, num_layers, hidden_units, activation, log_scale_bound,
-                                conditional_shape, base_distribution, dtype, seed, validate_args, name)
+                                conditional_shape, base_distribution, dtype, seed, validate_args, name,
+                                invertible_backprop)
 
 
 # FlowModel rebuilds `.keras` files through this registry; registering here keeps flows.py free of a cycle.

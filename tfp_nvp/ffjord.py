@@ -302,7 +302,8 @@ def ffjord(
     with `seed`), cheaper for large `D`; `log_prob` is then a random (unbiased) estimate, so evaluate final
     likelihoods with a flow built with `trace="exact"` and the same weights (`load_weights`).
     `solver` is `"dormand_prince"` (adaptive Runge-Kutta) or `"bdf"` (for stiff fields). Gradients flow through
-    TFP's ODE solver (adjoint method).
+    TFP's ODE solver by the adjoint method, which solves a second ODE backwards instead of storing the solver's
+    steps: training memory is already flat in the number of steps, so there is no `invertible_backprop` here.
 
     Every solve runs an adaptive loop, so each `log_prob` or `sample` costs tens to hundreds of network
     evaluations; the first call in a `tf.function` (a `FlowModel.fit`) traces for several seconds (tens of
