@@ -123,7 +123,8 @@ def worker(config: dict) -> dict:
     return {**config, "rss_untraced_mb": untraced, "rss_before_mb": before, "rss_after_first_step_mb": after_first,
             "peak_rss_mb": _peak_mb(), "tensor_peak_mb": max(tensor_peaks),
             "s_per_step": statistics.median(times[1:]),
-            "final_loss": losses[-1], "num_variables": sum(int(np.prod(v.shape)) for v in variables)}
+            "final_loss": losses[-1],
+            "num_variables": sum(int(np.prod(v.shape)) for v in flow.trainable_variables)}
 
 
 def run_isolated(config: dict) -> dict:
@@ -199,7 +200,7 @@ def main():
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps per configuration")
-    parser.add_argument("--json", default="benchmarks/memory.json", help="where to write the results")
+    parser.add_argument("--json", default="benchmarks/results/memory.json", help="where to write the results")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--no-reconstruction", action="store_true", help="skip the float32 error table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -210,7 +211,7 @@ def main():
     args.base_steps = args.base_steps or 1
     batch = args.batch or (4 if args.quick else 128)
     hidden = args.hidden or (8 if args.quick else 64)
-    train_steps = args.train_steps or (1 if args.quick else 2)
+    train_steps = args.train_steps or (1 if args.quick else 5)
     shape = [8, 8, 3] if args.quick else [32, 32, 3]
 
     results = []

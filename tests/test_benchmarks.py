@@ -1,4 +1,4 @@
-"""The benchmark driver and its figures, on synthetic results (no benchmark is run here)."""
+"""The benchmark driver and its figures, on synthetic results; the memory workers on a tiny GLOW."""
 
 from __future__ import annotations
 
@@ -172,3 +172,17 @@ def test_recipe_overrides_may_follow_the_seeds(capsys):
     with pytest.raises(SystemExit):
         recipes.parse_args(recipes.build_parser(), ["jitter"])
     assert "overrides are key=value; got ['jitter']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["standard", "invertible", "tfb.Glow"])
+def test_memory_worker_trains_each_variant(variant):
+    # The worker as benchmarks/memory.py runs it in its subprocesses, in-process on a tiny GLOW (the allocator
+    # statistics need the BFC allocator, so only the keys and finite numbers are checked here).
+    memory = load("memory")
+    config = dict(variant=variant, shape=[8, 8, 3], levels=2, steps=1, multiple=1, batch=4, hidden=8,
+                  train_steps=1)
+    row = memory.worker(config)
+    assert {k: row[k] for k in config} == config
+    for key in ("peak_rss_mb", "rss_before_mb", "s_per_step", "final_loss"):
+        assert row[key] > 0 or key == "final_loss", (key, row[key])
+    assert row["num_variables"] > 0 and abs(row["final_loss"]) < float("inf")
