@@ -85,6 +85,9 @@ FLOWS = {
     # the same with the plain (non-LU) 1x1 conv
     "glow_plain": ("glow", dict(image_shape=[4, 4, 2], num_levels=2, num_steps_per_level=1, hidden_channels=4,
                                 lu_decomposed=False, seed=4), (6, 4, 4, 2)),
+    # conditional GLOW: couplings, split prior and top prior all see c
+    "glow_conditional": ("glow", dict(image_shape=[4, 4, 1], num_levels=2, num_steps_per_level=1,
+                                      hidden_channels=4, conditional_shape=[3], seed=9), (6, 4, 4, 1)),
     # rational-quadratic spline couplings (TFP's spline inside the recomputed step), conditioned
     "spline_flow_conditional": ("spline_flow", dict(event_shape=[5], num_coupling_layers=3, hidden_units=(8,),
                                                     conditional_shape=[3], seed=5), (16, 5)),
@@ -104,8 +107,8 @@ def _data(kind, shape, dtype, seed=0):
 
 
 # glow_lu runs in float32 below (eager, tf.function, XLA): eager GLOW is slow, one float64 GLOW is enough.
-@pytest.mark.parametrize("kind", ["real_nvp_conv1x1", "real_nvp_conditional", "glow_plain", "spline_flow_conditional",
-                                  "maf", "iaf_conditional"])
+@pytest.mark.parametrize("kind", ["real_nvp_conv1x1", "real_nvp_conditional", "glow_plain", "glow_conditional",
+                                  "spline_flow_conditional", "maf", "iaf_conditional"])
 def test_float64_gradients_and_log_prob_equal_standard_backprop(kind):
     builder, kwargs, shape = FLOWS[kind]
     standard, invertible = (_build(builder, flag, dtype="float64", **kwargs) for flag in (False, True))
@@ -114,7 +117,7 @@ def test_float64_gradients_and_log_prob_equal_standard_backprop(kind):
     c = tf.constant(np.random.default_rng(5).normal(size=(shape[0], 3))) if "conditional" in kind else None
     if builder == "glow":
         for flow in (standard, invertible):
-            assert tfp_nvp.initialize(flow, x) == 2 * kwargs["num_steps_per_level"]
+            assert tfp_nvp.initialize(flow, x, conditional_input=c) == 2 * kwargs["num_steps_per_level"]
     _set_random_weights([standard, invertible], seed=7, keep_vectors=True)
     lp_std, g_std = _loss_and_grads(standard, x, c)
     lp_inv, g_inv = _loss_and_grads(invertible, x, c)

@@ -45,8 +45,10 @@ def test_learnable_alpha_is_positive_and_on_both_doors(same_variable_set):
     bij = LeakyReLU(0.5, learnable=True)
     np.testing.assert_allclose(bij.alpha, 0.5, rtol=1e-6)
     assert same_variable_set(bij.trainable_variables, [bij.log_alpha.value])
-    bij.log_alpha.assign(-30.0)  # any real log_alpha is a valid, positive slope
-    assert float(bij.alpha) > 0
+    bij.log_alpha.assign(-3.0)  # any real log_alpha is a valid, positive slope: exp(-3) on the negative side
+    np.testing.assert_allclose(bij.forward(tf.constant([[-2.0, 2.0]])), [[-2.0 * np.exp(-3.0), 2.0]], rtol=1e-6)
+    np.testing.assert_allclose(bij.forward_log_det_jacobian(tf.constant([[-2.0, 2.0]]), event_ndims=1), -3.0,
+                               rtol=1e-6)
     fixed = LeakyReLU(0.5)
     assert fixed.trainable_variables == () and fixed.log_alpha is None and fixed.keras_layers == []
     two = LeakyReLU(0.5, learnable=True)

@@ -133,6 +133,7 @@ def test_batch_ranks_and_float32():
 def test_identity_at_initialisation(shape, mask):
     """Zero network output gives uniform bins and unit slopes: the spline is the identity everywhere."""
     bij = SplineCoupling(list(shape), mask=mask, hidden_units=(8,), dtype=tf.float64)
+    assert bij.bound == 4.0  # the default, as in spline_flow and glow
     x = spread([4, *shape], seed=4)
     np.testing.assert_allclose(bij.forward(x), x, rtol=0, atol=1e-12)
     np.testing.assert_allclose(bij.inverse(x), x, rtol=0, atol=1e-12)
@@ -140,7 +141,7 @@ def test_identity_at_initialisation(shape, mask):
     # The slopes really are 1 (softplus alone would give log 2 ~ 0.69 at zero).
     widths, heights, slopes = bij._params_of(bij._split(x)[0], None)
     np.testing.assert_allclose(slopes, 1.0, rtol=1e-12)
-    np.testing.assert_allclose(widths, 2 * 3.0 / bij.num_bins, rtol=1e-12)
+    np.testing.assert_allclose(widths, 2 * bij.bound / bij.num_bins, rtol=1e-12)
 
 
 def test_linear_tails_pass_points_outside_the_bound_unchanged():
@@ -179,6 +180,13 @@ def test_shares_the_coupling_machinery_and_instances_stay_distinct():
     randomize_head(two, seed=2)
     x = spread([3, 2], seed=3)
     assert np.abs(one.forward(x).numpy() - two.forward(x).numpy()).max() > 1e-3
+    # Equal configurations with the default network (equal `parameters` but for the network TFP keys its
+    # cache on): the untouched one stays the identity after the other's weights change.
+    first, second = (SplineCoupling([2], hidden_units=(8,), num_bins=4, dtype=tf.float64) for _ in range(2))
+    randomize_head(second, seed=4)
+    np.testing.assert_array_equal(first.forward(x), x)
+    assert np.abs(second.forward(x).numpy() - x.numpy()).max() > 1e-3
+    np.testing.assert_array_equal(first.forward(x), x)
 
 
 def test_traced_log_prob_runs_the_network_once_with_eager_values():

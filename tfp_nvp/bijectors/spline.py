@@ -94,8 +94,8 @@ class SplineCoupling(_Coupling):
         (images, `max(hidden_units)` channels).
       mask, flip: which entries condition, as in `AffineCoupling`.
       num_bins: number of spline bins `K` (an integer >= 2).
-      bound: half-width `B` of the interval `[-B, B]` the spline acts on (positive). Put it where the data
-        of this layer lie: entries outside are left unchanged.
+      bound: half-width `B` of the interval `[-B, B]` the spline acts on (positive; 4 by default, as in
+        `spline_flow` and `glow`). Put it where the data of this layer lie: entries outside are left unchanged.
       min_bin_width: smallest width and height of a bin, in `[0, 2 * bound / num_bins)`; keeps bins from
         collapsing (a numerical guard).
       min_slope: smallest knot slope, in `[0, 1)`.
@@ -118,7 +118,7 @@ class SplineCoupling(_Coupling):
         mask: str | np.ndarray = "half",
         flip: bool = False,
         num_bins: int = 8,
-        bound: float = 3.0,
+        bound: float = 4.0,
         min_bin_width: float = 1e-3,
         min_slope: float = 1e-3,
         hidden_units: Sequence[int] = (128, 128),
