@@ -186,3 +186,14 @@ def test_memory_worker_trains_each_variant(variant):
     for key in ("peak_rss_mb", "rss_before_mb", "s_per_step", "final_loss"):
         assert row[key] > 0 or key == "final_loss", (key, row[key])
     assert row["num_variables"] > 0 and abs(row["final_loss"]) < float("inf")
+
+
+def test_defaults_table_reports_time_to_target_per_seed():
+    defaults = load("defaults")
+    base = dict(recipe="r", nll=1.18, steps=11, epochs=2, cpu=3.0, cpu_after_first=2.0, wall=3.5)
+    rows = [dict(base, seed=0, cpu_to_target=1.25, curve={}), dict(base, seed=1, cpu_to_target=None, curve={}),
+            dict(base, seed=2)]  # a row from before the curves were recorded
+    table = defaults.summarise(rows)
+    assert table.splitlines()[0].endswith("| CPU s to 1.20, per seed |")
+    assert table.splitlines()[-1].endswith("| 1.2, never, - |")
+    assert defaults.summary_rows(rows)[0]["cpu_seconds_to_target"] == [1.25, None, None]
