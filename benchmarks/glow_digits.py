@@ -170,7 +170,22 @@ def compare(args):
         print(f"| {r} | {b:.2f} | {a:.2f} | {a / b:.2f}x | {loads} |")
     b = float(np.median([x["before"]["steps_per_s"] for x in rows]))
     a = float(np.median([x["after"]["steps_per_s"] for x in rows]))
+    speedups = [x["after"]["steps_per_s"] / x["before"]["steps_per_s"] for x in rows]
     print(f"| median | {b:.2f} | {a:.2f} | {a / b:.2f}x | |")
+    _write_json(args, dict(mode="compare", xla=not args.no_xla, before=before, rounds=rows,
+                           median_before_steps_per_s=b, median_after_steps_per_s=a, speedup_of_medians=a / b,
+                           median_round_speedup=float(np.median(speedups))))
+
+
+def _write_json(args, result: dict):
+    if not args.json:
+        return
+    result = dict(benchmark="glow_digits", date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), cpus=os.cpu_count(),
+                  load_average_end=list(os.getloadavg()),
+                  settings={k: v for k, v in vars(args).items() if k not in ("worker", "json")}, **result)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {args.json}")
 
 
 def main():
@@ -188,6 +203,7 @@ def main():
     p.add_argument("--compare-rounds", type=int, default=2)
     p.add_argument("--no-xla", action="store_true",
                    help="time tf.function steps without XLA (TensorFlow's oneDNN convolutions on x86 CPUs)")
+    p.add_argument("--json", default=None, help="also write the tables' numbers to this JSON file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -222,6 +238,7 @@ def main():
     for label, n, rate in rows:
         print(f"| {label} | {n:,} | {rate:.1f} | {rate / reference:.2f}x |")
 
+    quality = []
     if args.quality_minutes > 0:
         print(f"\nTest bits/dim after {args.quality_minutes:g} min of training each (early stopping on "
               "200 validation images)\n")
@@ -233,10 +250,15 @@ def main():
             if label.startswith("tfp_nvp"):
                 tfp_nvp.initialize(flow, images.dequantize(data["train"][:512], LEVELS, seed=(args.seed, 0)))
             bpd, seconds = train_for(flow, data, args, args.quality_minutes)
+            quality.append(dict(model=label, test_bits_per_dim=bpd, seconds=seconds))
             print(f"| {label} | {bpd:.3f} | {seconds:.0f} |")
         gauss = images.gaussian_bits_per_dim(data["train"], data["test"], LEVELS)
         print(f"| full-covariance Gaussian | {gauss:.3f} | |")
         print(f"| uniform | {images.uniform_bits_per_dim(LEVELS):.3f} | |")
+    _write_json(args, dict(mode="speed", xla=not args.no_xla,
+                           speed=[dict(model=label, parameters=n, steps_per_s=rate, vs_tfb_glow=rate / reference)
+                                  for label, n, rate in rows],
+                           quality=quality))
 
 
 if __name__ == "__main__":

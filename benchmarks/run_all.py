@@ -42,6 +42,7 @@ BENCHMARKS = {
     "memory": "memory.py",
     "probabilistic_programs": "probabilistic_programs.py",
     "glow_digits": "glow_digits.py",
+    "digits": "digits.py",
     "long_run": "long_run.py",
     "defaults": "defaults.py",
 }

@@ -277,6 +277,26 @@ def equal_time(curves: dict[str, list[dict]], budget: float | None):
     return dict(budget_seconds=budget, rows=rows)
 
 
+def print_budget_table(curves: dict[str, list[dict]], bound: float, curve_points: int) -> dict:
+    """Held-out NLL of every recipe at each recipe's own (median) training time: the equal-time comparison at
+    every budget one of the recipes needed, so a slow starter (FFJORD) is compared where it has finished."""
+    budgets = sorted({round(float(np.median([c["train_seconds"] for c in cs])), 1) for cs in curves.values()})
+    tables = [equal_time(curves, b) for b in budgets]
+    print(f"\nHeld-out NLL ({curve_points} test points, median over seeds) after each recipe's training time; "
+          "\"untrained\": no epoch had ended, the value is the flow's before training.\n")
+    print("| flow | " + " | ".join(f"after {b:.1f} s" for b in budgets) + " |")
+    print("|---|" + "---:|" * len(budgets))
+    for i, key in enumerate(curves):
+        cells = []
+        for t in tables:
+            row = t["rows"][i]
+            cells.append("" if row["nll"] is None else
+                         f"{row['nll']:.4f}" + (" (untrained)" if row["epoch"] == 0 else ""))
+        print(f"| {curves[key][0]['flow']} | " + " | ".join(cells) + " |")
+    print("| exact bound | " + " | ".join(f"{bound:.4f}" for _ in budgets) + " |")
+    return dict(budgets=budgets, tables=tables)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs-book", type=int, default=300, help="the book trains 300 epochs")
@@ -292,7 +312,15 @@ def main():
     p.add_argument("--budget-seconds", type=float, default=None,
                    help="training budget of the equal-wall-time table (default: the shortest recipe's time)")
     p.add_argument("--json", default=None, help="also write the tables and learning curves to this JSON file")
+    p.add_argument("--from-json", default=None, metavar="PATH",
+                   help="train nothing: print the equal-time tables of the curves saved in PATH by --json")
     args = p.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        if not saved.get("curves"):
+            p.error(f"{args.from_json} holds no learning curves (run with --only ours spline ffjord and --json)")
+        print_budget_table(saved["curves"], saved["bound"], saved["curve_points"])
+        return
     if args.curve_points <= 0:
         p.error(f"--curve-points must be a positive number of test points; got {args.curve_points}")
     if args.budget_seconds is not None and args.budget_seconds <= 0:
@@ -368,13 +396,15 @@ def main():
                 print(f"| {r['flow']} | {r['nll']:.4f} | {r['nll'] - bound:.4f} | {r['seconds']:.1f} "
                       f"| {r['epoch']} |")
 
+    by_budget = print_budget_table(curves, bound, len(x_curve)) if curves else None
+
     if args.json:
         out = dict(
             benchmark="two_moons", date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), cpus=os.cpu_count(),
             machine=platform.machine(), tensorflow=tf.__version__, keras=keras.__version__, tfp=tfp.__version__,
             load_average_start=load_start, load_average_end=load_end, bound=bound, test_points=len(x_test),
             curve_points=len(x_curve), seeds=seeds, quick=args.quick, rows=rows, curves=curves,
-            equal_time=same_time)
+            equal_time=same_time, equal_time_by_budget=by_budget)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -158,6 +158,29 @@ def test_equal_time_takes_the_last_evaluation_within_the_budget():
     assert two_moons.equal_time({}, None) is None
 
 
+def test_budget_table_compares_at_every_recipes_training_time(tmp_path, capsys, monkeypatch):
+    two_moons = load("two_moons")
+    saved = two_moons_json()  # ours takes 6.0 / 6.6 s (median 6.3), spline 12 s, ffjord 30 s
+    path = tmp_path / "two_moons.json"
+    path.write_text(json.dumps(saved))
+    monkeypatch.setattr(sys, "argv", ["two_moons.py", "--from-json", str(path)])
+    two_moons.main()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert lines[0] == "| flow | after 6.3 s | after 12.0 s | after 30.0 s |"
+    # At 6.3 s seed 0 has ended (1.2) and seed 1 (stretched 1.1x) is at its 4.4 s point (1.25): the median.
+    assert lines[2] == "| real_nvp | 1.2250 | 1.2000 | 1.2000 |"
+    assert lines[3] == "| spline | 1.3500 | 1.2000 | 1.2000 |"
+    # ffjord's curve is stretched 5x: its first epoch ends at 5 s, the second at 12.5 s
+    assert lines[4] == "| ffjord | 1.6000 | 1.6000 | 1.2000 |"
+    assert lines[-1] == "| exact bound | 1.1312 | 1.1312 | 1.1312 |"
+    table = two_moons.print_budget_table({"f": [dict(flow="f", seconds=[0.1, 9.0], nll=[2.8, 1.3], epochs=[0, 1],
+                                                     train_seconds=9.0)],
+                                          "g": [dict(flow="g", seconds=[0.1, 2.0], nll=[2.8, 1.5], epochs=[0, 1],
+                                                     train_seconds=2.0)]}, 1.1312, 10)
+    assert table["budgets"] == [2.0, 9.0]
+    assert "| f | 2.8000 (untrained) | 1.3000 |" in capsys.readouterr().out
+
+
 def test_recipe_overrides_may_follow_the_seeds(capsys):
     recipes = load("two_moons_recipes")
     args = recipes.parse_args(recipes.build_parser(),
@@ -197,3 +220,19 @@ def test_defaults_table_reports_time_to_target_per_seed():
     assert table.splitlines()[0].endswith("| CPU s to 1.20, per seed |")
     assert table.splitlines()[-1].endswith("| 1.2, never, - |")
     assert defaults.summary_rows(rows)[0]["cpu_seconds_to_target"] == [1.25, None, None]
+
+
+def test_digits_table_and_run_all_entry(tmp_path):
+    digits, run_all = load("digits"), load("run_all")
+    rows = [dict(model="spline", seed=s, hidden=16, epochs=100 + s, train_seconds=80.0, test_bits_per_dim=2.0 + s / 10)
+            for s in (0, 1)]
+    rows.append(dict(model="conditional", seed=0, hidden=64, epochs=50, train_seconds=70.0, test_bits_per_dim=2.1,
+                     mixture_test_bits_per_dim=2.15, classifier_accuracy=0.994))
+    rows.append(dict(model="affine", seed=0, error="exit 1: Traceback\nValueError: bad"))
+    lines = digits.table(rows).splitlines()
+    assert lines[2] == "| spline | 0 | 16 | 100 | 80 | 2.000 |  |  |"
+    assert lines[4] == "| conditional | 0 | 64 | 50 | 70 | 2.100 | 2.150 | 99.4 % |"
+    assert lines[5].startswith("| affine | 0 | failed: ValueError: bad")
+    assert lines[6] == "| spline, mean of 2 seeds | | | | | 2.050 | |  |"
+    argv, json_path = run_all.command("digits", quick=True, out_dir=tmp_path)
+    assert argv[1].endswith("digits.py") and "--quick" in argv and json_path == str(tmp_path / "digits.json")
