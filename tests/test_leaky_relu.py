@@ -100,3 +100,45 @@ def test_input_that_does_not_fit_alpha_is_rejected():
         bij.forward(tf.zeros([4, 2]))
     with pytest.raises(ValueError, match=r"`y` must have trailing shape \[\.\.\., 3\]"):
         bij.inverse(tf.zeros([4, 5]))
+
+
+def test_real_nvp_puts_fixed_slopes_between_couplings(randomize, autodiff_log_det):
+    flow = tfp_nvp.real_nvp([3], num_coupling_layers=3, hidden_units=(8,), leaky_relu=0.3, dtype="float64", seed=1)
+    kinds = [type(b).__name__ for b in reversed(flow.bijector.bijectors)]  # sampling order
+    assert kinds == ["AffineCoupling", "LeakyReLU", "AffineCoupling", "LeakyReLU", "AffineCoupling"]
+    assert flow._tfp_nvp_spec["config"]["leaky_relu"] == 0.3
+    randomize(flow, seed=4)
+    z = points([6, 3], seed=5)
+    x = flow.bijector.forward(z)
+    np.testing.assert_allclose(flow.bijector.inverse(tf.identity(x)), z, atol=1e-10)
+    np.testing.assert_allclose(flow.bijector.forward_log_det_jacobian(z, 1),
+                               autodiff_log_det(flow.bijector.forward, z, 1), atol=1e-9)
+    # The slopes are not weights: the flow's variables are the couplings' alone.
+    couplings = [b for b in tfp_nvp.flow_bijectors(flow) if isinstance(b, AffineCoupling)]
+    assert len(flow.trainable_variables) == sum(len(b.trainable_variables) for b in couplings)
+
+
+def test_real_nvp_learnable_slopes_start_at_the_identity_train_and_reload(tmp_path, same_variable_set):
+    keras.utils.set_random_seed(0)
+    flow = tfp_nvp.real_nvp([2], num_coupling_layers=3, hidden_units=(8,), leaky_relu="learnable", seed=2)
+    leaky = [b for b in tfp_nvp.flow_bijectors(flow) if isinstance(b, LeakyReLU)]
+    assert len(leaky) == 2 and all(b.log_alpha.shape == (2,) for b in leaky)
+    x = (np.random.default_rng(3).normal(size=(256, 2)) * [1.5, 0.5]).astype(np.float32)
+    np.testing.assert_array_equal(flow.bijector.forward(x), x)  # a new flow is the identity
+    model = FlowModel(flow)
+    assert same_variable_set([w.value for w in model.trainable_weights], flow.trainable_variables)
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(x, epochs=2, batch_size=64, verbose=0)
+    assert all(np.any(b != w.numpy()) for b, w in zip(before, model.trainable_weights))
+    assert all(np.all(b.log_alpha.numpy() != 0.0) for b in leaky)
+    model.save(tmp_path / "leaky.keras")
+    loaded = keras.models.load_model(tmp_path / "leaky.keras")
+    assert loaded.distribution._tfp_nvp_spec["config"]["leaky_relu"] == "learnable"
+    np.testing.assert_array_equal(loaded.log_prob(x[:16]), model.log_prob(x[:16]))
+
+
+@pytest.mark.parametrize("value", ["relu", 0, -0.5, float("nan"), True])
+def test_real_nvp_rejects_bad_leaky_relu(value):
+    with pytest.raises(ValueError, match="`leaky_relu` must be None, a slope > 0 or 'learnable'"):
+        tfp_nvp.real_nvp([2], leaky_relu=value)

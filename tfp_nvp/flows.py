@@ -18,6 +18,7 @@ from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
 from tfp_nvp.bijectors.coupling import AffineCoupling
 from tfp_nvp.bijectors.factor_out import FactorOut, OnChannels
 from tfp_nvp.bijectors.invertible_chain import InvertibleChain
+from tfp_nvp.bijectors.leaky_relu import LeakyReLU
 from tfp_nvp.bijectors.logit import LogitTransform
 from tfp_nvp.bijectors.spline import SplineCoupling
 from tfp_nvp.bijectors.squeeze import Squeeze
@@ -152,6 +153,7 @@ def real_nvp(
     validate_args: bool = False,
     name: str = "real_nvp",
     invertible_backprop: bool = False,
+    leaky_relu: float | str | None = None,
 ) -> tfd.TransformedDistribution:
     """RealNVP: a chain of affine couplings whose mask flips from layer to layer.
 
@@ -162,6 +164,9 @@ def real_nvp(
     `mask` defaults to `"half"` for vectors and `"checkerboard"` for images. `mixing="conv1x1"` puts a learned
     `Invertible1x1Conv` (LU, random-rotation start) between consecutive couplings, so the split the couplings
     see is learned rather than fixed (GLOW's replacement for permutations); `None` uses only the mask flips.
+    `leaky_relu` puts an elementwise `tfp_nvp.LeakyReLU` between consecutive couplings (as in flows that
+    alternate couplings with a leaky-ReLU layer): a number fixes its negative-side slope (e.g. 0.5);
+    `"learnable"` learns one slope per entry, starting at 1 (the identity, so the flow still starts as one).
     Couplings are named
     `f"{name}_coupling_{i}"`; with `conditional_shape` set, pass the condition with
     `bijector_kwargs=tfp_nvp.conditional_kwargs(flow, c)`.
@@ -199,6 +204,15 @@ def real_nvp(
     )
     if mixing not in (None, "conv1x1"):
         raise ValueError(f"`mixing` must be None or 'conv1x1'; got {mixing!r}.")
+    if leaky_relu is not None:
+        if isinstance(leaky_relu, str):
+            if leaky_relu != "learnable":
+                raise ValueError(f"`leaky_relu` must be None, a slope > 0 or 'learnable'; got {leaky_relu!r}.")
+        elif isinstance(leaky_relu, bool) or not isinstance(leaky_relu, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(leaky_relu) or leaky_relu <= 0:
+            raise ValueError(f"`leaky_relu` must be None, a slope > 0 or 'learnable'; got {leaky_relu!r}.")
+        # Recorded only when used, so the configuration of a flow without it stays what it always was.
+        config["leaky_relu"] = leaky_relu if isinstance(leaky_relu, str) else float(leaky_relu)
     image = len(event_shape) == 3
     mask = mask or ("checkerboard" if image else "half")
     base = _check_base(base_distribution, event_shape, dtype)
@@ -211,6 +225,11 @@ def real_nvp(
         else:
             net = DenseNetwork(hidden, activation=activation, separate_towers=separate_towers, l2=l2,
                                seed=layer_seed, dtype=dtype, name=f"{name}_net_{i}")
+        if leaky_relu is not None and i > 0:
+            learnable = leaky_relu == "learnable"
+            couplings.append(LeakyReLU(1.0 if learnable else float(leaky_relu), learnable=learnable,
+                                       shape=tuple(event_shape) if learnable else (), dtype=dtype,
+                                       validate_args=validate_args, name=f"{name}_leaky_relu_{i}"))
         if mixing == "conv1x1" and i > 0:
             couplings.append(Invertible1x1Conv(event_shape, seed=None if seed is None else int(seed) + 1000 * i + 1,
                                                dtype=dtype, validate_args=validate_args, name=f"{name}_mixing_{i}"))
