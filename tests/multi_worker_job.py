@@ -44,19 +44,22 @@ def make_data(num_examples: int, seed: int = 0) -> np.ndarray:
     return (rng.normal(size=(num_examples, 4)) @ mixing + np.arange(4.0)).astype(np.float32)
 
 
-def make_model(seed: int = 1):
+def make_model(seed: int = 1, invertible_backprop: bool = False):
     """A small RealNVP (with weight penalties) behind a data-side ActNorm; its initial weights depend on `seed`.
 
     The ActNorm initialises from the first global batch inside the distributed step, which is the part of the
-    flow that needs the replicas (and workers) to exchange statistics.
+    flow that needs the replicas (and workers) to exchange statistics. With `invertible_backprop` both chains
+    are `tfp_nvp.InvertibleChain`s (the gradient then rebuilds every step's input, the ActNorm's included).
     """
     import tensorflow_probability as tfp
 
     import tfp_nvp
 
-    inner = tfp_nvp.real_nvp([4], num_coupling_layers=2, hidden_units=(16,), l2=1e-3, seed=seed)
+    inner = tfp_nvp.real_nvp([4], num_coupling_layers=2, hidden_units=(16,), l2=1e-3, seed=seed,
+                             invertible_backprop=invertible_backprop)
     # Chain([a, b]) inverts `a` first: the ActNorm sees the data.
-    bijector = tfp.bijectors.Chain([tfp_nvp.ActNorm([4]), inner.bijector])
+    chain = tfp_nvp.InvertibleChain if invertible_backprop else tfp.bijectors.Chain
+    bijector = chain([tfp_nvp.ActNorm([4]), inner.bijector])
     return tfp_nvp.FlowModel(tfp.distributions.TransformedDistribution(inner.distribution, bijector))
 
 
@@ -74,7 +77,7 @@ OPTIMIZERS = ("sgd", "adam")
 
 
 def train(strategy, steps: int, global_batch: int, optimizer: str = "sgd", learning_rate: float = 1e-2,
-          seed: int = 1):
+          seed: int = 1, invertible_backprop: bool = False):
     """Builds and compiles under `strategy`, fits outside its scope for `steps` steps of one epoch.
 
     Returns (model, the epoch's mean loss, steps/s); steps/s leaves out the first step, which includes tracing.
@@ -83,7 +86,7 @@ def train(strategy, steps: int, global_batch: int, optimizer: str = "sgd", learn
 
     x = make_data(steps * global_batch)
     with strategy.scope():
-        model = make_model(seed)
+        model = make_model(seed, invertible_backprop)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}; got {optimizer!r}.")
         opt = keras.optimizers.SGD(learning_rate) if optimizer == "sgd" else keras.optimizers.Adam(learning_rate)
@@ -106,6 +109,8 @@ def main(argv=None) -> int:
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
     parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument("--invertible-backprop", action="store_true",
+                        help="train with tfp_nvp.InvertibleChain instead of tfb.Chain")
     args = parser.parse_args(argv)
     if "TF_CONFIG" not in os.environ:
         parser.error("TF_CONFIG must name the cluster and this worker's task")
@@ -113,7 +118,8 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    model, loss, rate = train(strategy, args.steps, args.global_batch, args.optimizer, args.learning_rate)
+    model, loss, rate = train(strategy, args.steps, args.global_batch, args.optimizer, args.learning_rate,
+                              invertible_backprop=args.invertible_backprop)
     np.savez(args.out, *[np.asarray(w) for w in model.weights], loss=loss, steps_per_second=rate,
              num_replicas=strategy.num_replicas_in_sync)
     return 0

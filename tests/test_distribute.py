@@ -227,7 +227,10 @@ def test_mirrored_discrete_glow_trains(mirrored):
 
 
 # --------------------------------------------------------------------------------------------- multi-worker
-def test_two_worker_job_matches_single_process(tmp_path, reference):
+@pytest.mark.parametrize("invertible_backprop", [False, True], ids=["standard", "invertible_backprop"])
+def test_two_worker_job_matches_single_process(tmp_path, reference, invertible_backprop):
+    """Two worker processes on localhost end at the single-process weights (standard backprop); with invertible
+    backprop too, so the rebuilt-activation gradient is all-reduced like any other."""
     ports = job.free_ports(2)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     script = Path(__file__).with_name("multi_worker_job.py")
@@ -239,7 +242,8 @@ def test_two_worker_job_matches_single_process(tmp_path, reference):
             logs.append(log)
             procs.append(subprocess.Popen(
                 [sys.executable, str(script), "--out", str(tmp_path / f"worker{index}.npz"), "--steps", str(STEPS),
-                 "--global-batch", str(GLOBAL_BATCH), "--optimizer", "sgd"],
+                 "--global-batch", str(GLOBAL_BATCH), "--optimizer", "sgd"]
+                + (["--invertible-backprop"] if invertible_backprop else []),
                 env={**env, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})},
                 stdout=log, stderr=subprocess.STDOUT,
             ))
