@@ -1,10 +1,10 @@
 """log_prob never returns NaN for finite data the flow maps beyond the floating-point range.
 
-GLOW's sigmoid-bounded coupling shrinks by at most `sigmoid(2)` when sampling, so its inverse (the density
-pass) can expand without limit: a trained flow can send images far from its training data past the largest
-float32, and arithmetic on the overflowed values (a 1x1 convolution mixing +inf and -inf, a network fed inf)
-then yields NaN. The flow below has one coupling set to expand `x_b` by `exp(W |x_a|)`, so that data near the
-centre of the support stay in range and ordinary images overflow.
+A flow's density pass can expand far from its training data (ActNorm and 1x1-convolution scales, a coupling's
+shift, an unbounded log-scale): a trained flow can send such images past the largest float32, and arithmetic on
+the overflowed values (a 1x1 convolution mixing +inf and -inf, a network fed inf) then yields NaN. The flow
+below is a GLOW whose first coupling has an unbounded log-scale (`log_scale_bound="none"`) set to expand `x_b`
+by `exp(W |x_a|)`, so that data near the centre of the support stay in range and ordinary images overflow.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ GAIN = {"float32": 1e3, "float64": 1e4}
 def _overflowing_glow(logit_alpha, dtype="float32"):
     """A GLOW whose first coupling of the density pass has log-scale `-GAIN * |x_a[..., 0]|`."""
     flow = glow(SHAPE, num_levels=1, num_steps_per_level=2, hidden_channels=4, num_blocks=0, seed=0,
-                logit_alpha=logit_alpha, dtype=dtype)
+                logit_alpha=logit_alpha, log_scale_bound="none", dtype=dtype)
     initialize(flow, np.random.default_rng(0).uniform(0.02, 0.98, (16, *SHAPE)).astype(dtype))
     for bijector in flow_bijectors(flow):
         if isinstance(bijector, ActNorm):  # the identity: the centre of the data reaches the coupling as 0

@@ -348,8 +348,11 @@ class AffineCoupling(_Coupling):
         log|det dy/dx| = sum(s(x_a))  over the event,   and   log|det dx/dy| = -sum(s(y_a)).
 
     The log-scale is bounded: `"tanh"` gives `s = scale * tanh(h)` with a learnable per-dimension (per-channel
-    for images) `scale` (RealNVP paper); `"sigmoid"` gives `s = log sigmoid(h + 2) - log sigmoid(2)` (GLOW's
-    bounded scale, shifted so `h = 0` is the identity); `"none"` uses `s = h`.
+    for images) `scale` (RealNVP paper); `"sigmoid"` is GLOW's bounded scale, `s = log sigmoid(2) -
+    log sigmoid(h + 2)`: as in GLOW, the data -> latent pass multiplies `x_b` by `sigmoid(h + 2)` (divided by
+    `sigmoid(2)`, so `h = 0` is the identity), a factor in `(0, 1.14]`, so the density pass, which training
+    runs, can shrink an entry without limit but never expand it by more than 1.14 (sampling is where it
+    expands); `"none"` uses `s = h`.
 
     Masks. Vector events `[D]`: `"half"` conditions on the first `D // 2` entries, `"alternate"` on the even
     indices; odd `D` is fine. Image events `[H, W, C]`: `"checkerboard"` conditions on pixels with even `h + w`
@@ -412,8 +415,11 @@ class AffineCoupling(_Coupling):
         if self._log_scale_bound == "tanh":
             log_scale = tf.cast(self._holder.scale.value, h.dtype) * tf.tanh(h)
         elif self._log_scale_bound == "sigmoid":
-            # tf.constant, not a cast: casting a Python float goes through float32 and would round it.
-            log_scale = tf.math.log_sigmoid(h + 2.0) - tf.constant(_LOG_SIGMOID_2, h.dtype)
+            # GLOW bounds the scale of the data -> latent pass (TFP's inverse), so a training step cannot blow an
+            # activation up through a coupling: a flow that bounded the sampling direction instead diverged to
+            # an infinite latent on an ordinary training image (digits, 22 epochs). tf.constant, not a cast:
+            # casting a Python float goes through float32 and would round it.
+            log_scale = tf.constant(_LOG_SIGMOID_2, h.dtype) - tf.math.log_sigmoid(h + 2.0)
         else:
             log_scale = h
         if not self._gather:
