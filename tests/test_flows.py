@@ -239,3 +239,16 @@ def test_conv1x1_mixing_between_couplings(randomize, autodiff_log_det):
     assert mixing_vars and mixing_vars <= {id(v) for v in flow.trainable_variables}
     with pytest.raises(ValueError, match="mixing"):
         tfp_nvp.real_nvp([2], mixing="permute")
+
+
+def test_builders_return_the_class_tfp_returns_for_such_bijectors():
+    """What README's "Type" convention says: the flow is what `tfd.TransformedDistribution(base, bijector)`
+    gives for a bijector that is not a CompositeTensor, TFP's private base class, not the public subclass."""
+    from tensorflow_probability.python.distributions.transformed_distribution import _TransformedDistribution
+
+    flow = tfp_nvp.real_nvp([2], num_coupling_layers=2, hidden_units=(4,))
+    plain = tfp.distributions.TransformedDistribution(tfp_nvp.standard_normal([2]), flow.bijector)
+    for dist in (flow, plain):
+        assert isinstance(dist, _TransformedDistribution) and isinstance(dist, tfp.distributions.Distribution)
+        assert not isinstance(dist, tfp.distributions.TransformedDistribution)
+        assert dist.bijector is flow.bijector

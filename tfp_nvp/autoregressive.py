@@ -117,7 +117,7 @@ def iaf(
     `log_prob` of arbitrary data runs each layer's network `D` times. Layers are named `f"{name}_iaf_{i}"`;
     `flow.bijector` is the whole transformation, for use on another base distribution. Vector events only.
     `invertible_backprop=True` chains the layers with `tfp_nvp.InvertibleChain`; it changes the gradient of
-    `log_prob` only (of data: `D` more network runs per layer), not that of the samples a surrogate trains on.
+    `log_prob` only (of data: `D + 1` more network runs per layer), not that of the samples a surrogate trains on.
     """
     return _autoregressive_flow("iaf", "iaf", event_shape, num_layers, hidden_units, activation, log_scale_bound,
                                 conditional_shape, base_distribution, dtype, seed, validate_args, name,
