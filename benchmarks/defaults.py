@@ -99,34 +99,11 @@ class _FirstStepClock:
         self.callback = Callback()
 
 
-class _HeldOutCurve:
-    """Held-out NLL on a fixed set of fresh points at every epoch end, and when it first reaches `TARGET`.
-
-    The clocks (process CPU and wall) exclude the scoring itself, so the curve's seconds are training seconds.
-    """
-
-    def __init__(self, keras, tf, model, x_eval, cpu0, wall0):
-        score = tf.function(lambda t: -tf.reduce_mean(model.distribution.log_prob(t)))
-        curve = self
-        self.cpu, self.wall, self.nll = [], [], []
-        self.excluded_cpu = self.excluded_wall = 0.0
-
-        class Callback(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                c, w = time.process_time(), time.perf_counter()
-                curve.cpu.append(c - cpu0 - curve.excluded_cpu)
-                curve.wall.append(w - wall0 - curve.excluded_wall)
-                curve.nll.append(float(score(x_eval)))
-                curve.excluded_cpu += time.process_time() - c
-                curve.excluded_wall += time.perf_counter() - w
-
-        self.callback = Callback()
-
-    def first_reaching(self, seconds):
-        return next((t for t, v in zip(seconds, self.nll) if v <= TARGET), None)
-
-
 TARGET = 1.20  # held-out NLL the time-to-quality figures are measured to
+
+
+def _first_reaching(seconds, nll):
+    return next((t for t, v in zip(seconds, nll) if v <= TARGET), None)
 
 
 def run_one(name: str, seed: int) -> dict:
@@ -147,13 +124,14 @@ def run_one(name: str, seed: int) -> dict:
     clock = _FirstStepClock(keras)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     curve = None
+    from two_moons import LearningCurve  # benchmarks/two_moons.py's held-out curve (its clocks skip the scoring)
 
     def with_curve(model):
-        # Built after the model, before fit: the scoring function's tracing happens in the first epoch's callback
-        # and is excluded from the clocks like every scoring.
+        # Nothing scored before the first step, so the first-step clock counts training alone; the scoring's
+        # tracing happens at the first epoch end, off the clocks like every scoring.
         nonlocal curve
-        curve = _HeldOutCurve(keras, tf, model, x_test[:5000], cpu0, wall0)
-        return [clock.callback, curve.callback]
+        curve = LearningCurve(x_test[:5000], start=(wall0, cpu0), score_untrained=False)
+        return [clock.callback, curve]
 
     if recipe.get("quickstart"):
         model, history = run_quickstart(x, seed, extra_callbacks=with_curve, fused=recipe.get("fused", False),
@@ -182,16 +160,16 @@ def run_one(name: str, seed: int) -> dict:
                                                            restore_best_weights=True))
         history = model.fit(x, epochs=recipe["epochs"], batch_size=recipe["batch"], validation_split=recipe["val"],
                             callbacks=callbacks, verbose=0)
-    cpu = time.process_time() - cpu0 - curve.excluded_cpu
-    wall = time.perf_counter() - wall0 - curve.excluded_wall
+    cpu = time.process_time() - cpu0 - curve.paused_cpu
+    wall = time.perf_counter() - wall0 - curve.paused
     steps = int(model.optimizer.iterations.numpy())
     nll = float(-np.mean(model.log_prob(x_test)))
     # The first step ends inside the first epoch, before any scoring: nothing to exclude from it.
     return dict(recipe=name, seed=seed, nll=nll, gap=nll - moons_entropy(), steps=steps,
                 epochs=len(history.history["loss"]), cpu=cpu, cpu_after_first=cpu - (clock.first - cpu0),
-                wall=wall, finite=bool(np.isfinite(nll)), cpu_to_target=curve.first_reaching(curve.cpu),
-                wall_to_target=curve.first_reaching(curve.wall), target=TARGET,
-                curve=dict(cpu=curve.cpu, wall=curve.wall, nll=curve.nll, points=5000))
+                wall=wall, finite=bool(np.isfinite(nll)), cpu_to_target=_first_reaching(curve.cpu_seconds, curve.nll),
+                wall_to_target=_first_reaching(curve.seconds, curve.nll), target=TARGET,
+                curve=dict(cpu=curve.cpu_seconds, wall=curve.seconds, nll=curve.nll, points=5000))
 
 
 def run_quickstart(x, seed, extra_callbacks=lambda model: [], fused=False, noise=None):

@@ -197,37 +197,44 @@ def load_example():
 class LearningCurve(keras.callbacks.Callback):
     """Held-out NLL of `x_eval` against training seconds, recorded before training and at every epoch end.
 
-    The clock starts when the callback is made (just before training) and stops while it scores, so the
-    seconds it reports are training's alone (Keras' own validation pass included, as it is part of the recipe).
+    Two clocks, wall (`seconds`) and process CPU (`cpu_seconds`), start when the callback is made (just before
+    training) or at `start=(wall, cpu)`, and stop while it scores, so the seconds it reports are training's alone
+    (Keras' own validation pass included, as it is part of the recipe); `paused` and `paused_cpu` are the
+    scoring's. `score_untrained=False` skips the point before training (so nothing is scored before the first
+    step). Also used by benchmarks/defaults.py.
     """
 
-    def __init__(self, x_eval):
+    def __init__(self, x_eval, start=None, score_untrained=True):
         super().__init__()
         self.x_eval = tf.constant(x_eval)
-        self.seconds, self.nll, self.epochs = [], [], []
+        self.seconds, self.cpu_seconds, self.nll, self.epochs = [], [], [], []
         self._scored = None
-        self._paused = 0.0
-        self._start = time.perf_counter()
+        self.paused = self.paused_cpu = 0.0
+        self._start, self._start_cpu = start or (time.perf_counter(), time.process_time())
+        self._score_untrained = score_untrained
 
     def _record(self, epoch):
-        pause = time.perf_counter()
+        pause, pause_cpu = time.perf_counter(), time.process_time()
         if self._scored is None:
             # One graph for the scoring: the eager path of a deep flow or an ODE solve would dominate the pauses.
             self._scored = tf.function(lambda x: -tf.reduce_mean(self.model.log_prob(x)))
         self.nll.append(float(self._scored(self.x_eval)))
-        self.seconds.append(pause - self._start - self._paused)
+        self.seconds.append(pause - self._start - self.paused)
+        self.cpu_seconds.append(pause_cpu - self._start_cpu - self.paused_cpu)
         self.epochs.append(epoch)
-        self._paused += time.perf_counter() - pause
+        self.paused += time.perf_counter() - pause
+        self.paused_cpu += time.process_time() - pause_cpu
 
     def on_train_begin(self, logs=None):
-        self._record(0)
+        if self._score_untrained:
+            self._record(0)
 
     def on_epoch_end(self, epoch, logs=None):
         self._record(epoch + 1)
 
     @property
     def training_seconds(self):
-        return time.perf_counter() - self._start - self._paused
+        return time.perf_counter() - self._start - self.paused
 
 
 def run_ours(x, x_test, epochs, seed, flow="real_nvp", x_curve=None):
