@@ -175,7 +175,7 @@ def main():
     p.add_argument("--calls", type=int, default=10, help="log_prob / sample calls per timed round")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "throughput.json"),
-                   help="where to write the results (default: next to this script)")
+                   help="where to write the results (default: benchmarks/results/throughput.json)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budget, one round, no JSON")
     args = p.parse_args()
     if args.quick:

@@ -287,7 +287,7 @@ def equal_time(curves: dict[str, list[dict]], budget: float | None):
 def print_budget_table(curves: dict[str, list[dict]], bound: float, curve_points: int) -> dict:
     """Held-out NLL of every recipe at each recipe's own (median) training time: the equal-time comparison at
     every budget one of the recipes needed, so a slow starter (FFJORD) is compared where it has finished."""
-    budgets = sorted({round(float(np.median([c["train_seconds"] for c in cs])), 1) for cs in curves.values()})
+    budgets = sorted({float(np.median([c["train_seconds"] for c in cs])) for cs in curves.values()})
     tables = [equal_time(curves, b) for b in budgets]
     print(f"\nHeld-out NLL ({curve_points} test points, median over seeds) after each recipe's training time; "
           "\"untrained\": no epoch had ended, the value is the flow's before training.\n")

@@ -120,8 +120,11 @@ def main(argv=None) -> int:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     model, loss, rate = train(strategy, args.steps, args.global_batch, args.optimizer, args.learning_rate,
                               invertible_backprop=args.invertible_backprop)
+    import tfp_nvp
+
+    chains = sum(isinstance(b, tfp_nvp.InvertibleChain) for b in tfp_nvp.flow_bijectors(model.distribution))
     np.savez(args.out, *[np.asarray(w) for w in model.weights], loss=loss, steps_per_second=rate,
-             num_replicas=strategy.num_replicas_in_sync)
+             num_replicas=strategy.num_replicas_in_sync, invertible_chains=chains)
     return 0
 
 

@@ -208,7 +208,7 @@ def test_memory_worker_trains_each_variant(variant):
     assert {k: row[k] for k in config} == config
     for key in ("peak_rss_mb", "rss_before_mb", "s_per_step", "final_loss"):
         assert row[key] > 0 or key == "final_loss", (key, row[key])
-    assert row["num_variables"] > 0 and abs(row["final_loss"]) < float("inf")
+    assert row["num_variables"] > 0 and row["losses_finite"] and abs(row["final_loss"]) < float("inf")
 
 
 def test_defaults_table_reports_time_to_target_per_seed():

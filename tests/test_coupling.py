@@ -396,3 +396,24 @@ def test_traced_log_prob_runs_each_network_once_with_unchanged_values_and_gradie
     np.testing.assert_allclose(graph_loss, eager_loss, rtol=1e-6)
     for g, e in zip(graph_grads, eager_grads):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["coupling", "maf", "iaf"])
+def test_sigmoid_bound_scales_the_data_to_latent_pass_as_glow_does(kind):
+    """GLOW's bound: `inverse` (data -> latent) multiplies the transformed entries by sigmoid(h + 2) / sigmoid(2),
+    at most 1/sigmoid(2) = 1.1353, and `forward` (sampling) divides by it."""
+    bound = 1.0 / (1.0 / (1.0 + np.exp(-2.0)))  # 1 / sigmoid(2)
+    for h, inverse_factor in ((20.0, bound * (1.0 / (1.0 + np.exp(-22.0)))), (-20.0, bound / (1.0 + np.exp(18.0)))):
+        def network(u, h=h):
+            # shift 0, h constant: one [N, 2D] tensor, shift first
+            return tf.concat([tf.zeros_like(u), tf.fill(tf.shape(u), tf.constant(h, u.dtype))], -1)
+
+        if kind == "coupling":
+            bij = AffineCoupling([2], network=network, log_scale_bound="sigmoid", dtype=tf.float64)
+        else:
+            bij = tfp_nvp.MaskedAutoregressive([2], direction=kind, network=network, log_scale_bound="sigmoid",
+                                               dtype=tf.float64)
+        x = tf.constant([[1.0, 1.0]], tf.float64)
+        transformed = 1 if kind == "coupling" else slice(None)  # the coupling's "half" mask keeps entry 0
+        np.testing.assert_allclose(bij.inverse(x).numpy()[0, transformed], inverse_factor, rtol=1e-9)
+        np.testing.assert_allclose(bij.forward(x).numpy()[0, transformed], 1.0 / inverse_factor, rtol=1e-9)

@@ -265,6 +265,7 @@ def test_two_worker_job_matches_single_process(tmp_path, reference, invertible_b
     results = [np.load(tmp_path / f"worker{index}.npz") for index in range(2)]
     for r in results:
         assert int(r["num_replicas"]) == 2  # really one job of two workers, not two single-worker runs
+        assert int(r["invertible_chains"]) == (2 if invertible_backprop else 0)  # the flag reached the workers
         assert sorted(k for k in r.files if k.startswith("arr_")) == sorted(f"arr_{i}" for i in range(len(weights)))
         np.testing.assert_allclose(r["loss"], loss, rtol=LOSS_RTOL)
         for i, want in enumerate(weights):

@@ -59,8 +59,8 @@ class _Flow(_TransformedDistribution):
     double-where pattern), so a batch mixing both kinds has finite log-densities and gradients for the rest.
 
     Finite data whose latent leaves the floating-point range (a trained flow can expand a point far from its
-    training data by more than the largest float, as a bounded coupling's inverse does for very negative
-    log-scales) also get `-inf`: the base density at such a latent underflows every float, whatever the
+    training data by more than the largest float, through ActNorm, 1x1-convolution or unbounded coupling
+    scales, or a coupling's shift) also get `-inf`: the base density at such a latent underflows every float, whatever the
     log-determinant. Arithmetic on the overflowed values would otherwise give NaN.
     """
 

@@ -54,8 +54,9 @@ class MaskedAutoregressive(KerasParameterizedBijector):
     `tf.while_loop` of `D` iterations, so graphs stay small; it runs eagerly, in `tf.function` and under XLA.
 
     The log-scale is bounded as in `tfp_nvp.AffineCoupling`: `"tanh"` gives `s = scale * tanh(h)` with a
-    learnable per-dimension `scale` (starting at 1), `"sigmoid"` gives `s = log sigmoid(h + 2) - log sigmoid(2)`
-    (at most `-log sigmoid(2)`, about 0.13, per layer), `"none"` uses `s = h`.
+    learnable per-dimension `scale` (starting at 1), `"sigmoid"` gives GLOW's `s = log sigmoid(2) -
+    log sigmoid(h + 2)` (the data -> latent direction multiplies by `sigmoid(h + 2) / sigmoid(2)`, at most 1.14
+    per layer), `"none"` uses `s = h`.
 
     Vector events `[D]` only (flatten other events with `tfb.Reshape`). Batches of any rank work. `network`
     defaults to a MADE with `hidden_units`, `input_order`, `activation` and `seed` (used only then); any Keras
@@ -196,7 +197,7 @@ class MaskedAutoregressive(KerasParameterizedBijector):
             log_scale = tf.cast(self._holder.scale.value, u.dtype) * tf.tanh(h)
         elif self._log_scale_bound == "sigmoid":
             # tf.constant, not a cast: casting a Python float goes through float32 and would round it.
-            log_scale = tf.math.log_sigmoid(h + 2.0) - tf.constant(_LOG_SIGMOID_2, u.dtype)
+            log_scale = tf.constant(_LOG_SIGMOID_2, u.dtype) - tf.math.log_sigmoid(h + 2.0)
         else:
             log_scale = h
         return shift, log_scale
