@@ -8,8 +8,7 @@ import tensorflow_probability as tfp
 
 from tfp_nvp.bijectors._base import as_shape
 from tfp_nvp.bijectors.autoregressive import MaskedAutoregressive
-from tfp_nvp.bijectors.invertible_chain import InvertibleChain
-from tfp_nvp.flows import BUILDERS, _check_base, _flag, _Flow, _positive, _remember
+from tfp_nvp.flows import BUILDERS, _chain_type, _check_base, _flag, _Flow, _positive, _remember
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -48,8 +47,7 @@ def _autoregressive_flow(builder, direction, event_shape, num_layers, hidden_uni
             name=f"{name}_{direction}_{i}",
         ))
     # tfb.Chain applies its list right to left: sampling runs layer 0 first, the density pass runs it last.
-    chain_type = InvertibleChain if invertible_backprop else tfb.Chain
-    chain = chain_type(list(reversed(steps)), validate_args=validate_args, name=name)
+    chain = _chain_type(invertible_backprop)(list(reversed(steps)), validate_args=validate_args, name=name)
     dist = _Flow(base, chain, validate_args=validate_args, name=name)
     if base_distribution is not None:
         config["base_distribution"] = "custom"

@@ -60,8 +60,8 @@ class _Flow(_TransformedDistribution):
 
     Finite data whose latent leaves the floating-point range (a trained flow can expand a point far from its
     training data by more than the largest float, through ActNorm, 1x1-convolution or unbounded coupling
-    scales, or a coupling's shift) also get `-inf`: the base density at such a latent underflows every float, whatever the
-    log-determinant. Arithmetic on the overflowed values would otherwise give NaN.
+    scales, or a coupling's shift) also get `-inf`: the base density at such a latent underflows every float,
+    whatever the log-determinant. Arithmetic on the overflowed values would otherwise give NaN.
     """
 
     def __init__(self, distribution, bijector, support=None, validate_args=False, name=None):
@@ -240,12 +240,17 @@ def real_nvp(
         )
     # tfb.Chain's forward applies its list right to left, so sampling runs coupling_0 first and the density
     # (inverse) pass runs it last.
-    chain_type = InvertibleChain if invertible_backprop else tfb.Chain
+    chain_type = _chain_type(invertible_backprop)
     chain = chain_type(list(reversed(couplings)), validate_args=validate_args, name=name)
     dist = _Flow(base, chain, validate_args=validate_args, name=name)
     if base_distribution is not None:
         config["base_distribution"] = "custom"
     return _remember(dist, "real_nvp", config)
+
+
+def _chain_type(invertible_backprop: bool):
+    """The chain class a builder puts its steps in: `InvertibleChain` for invertible backprop, else `tfb.Chain`."""
+    return InvertibleChain if invertible_backprop else tfb.Chain
 
 
 def _flag(value, name) -> bool:
@@ -367,7 +372,7 @@ def glow(
             raise ValueError(f"`conditional_shape` must be [m], the shape of a context vector; got "
                              f"{list(conditional_shape)}.")
         config["conditional_shape"] = list(conditional_shape)
-    chain_type = InvertibleChain if invertible_backprop else tfb.Chain
+    chain_type = _chain_type(invertible_backprop)
     if logit_alpha is not None and (isinstance(logit_alpha, bool) or not isinstance(logit_alpha, (int, float))
                                     or not 0.0 <= logit_alpha < 0.5):
         raise ValueError(f"`logit_alpha` must be in [0, 0.5) or None; got {logit_alpha!r}.")
@@ -500,7 +505,7 @@ def spline_flow(
                            dtype=dtype, validate_args=validate_args, name=f"{name}_coupling_{i}")
         )
     # As in real_nvp: sampling runs coupling_0 first, the density pass runs it last.
-    chain_type = InvertibleChain if invertible_backprop else tfb.Chain
+    chain_type = _chain_type(invertible_backprop)
     chain = chain_type(list(reversed(couplings)), validate_args=validate_args, name=name)
     dist = _Flow(base, chain, validate_args=validate_args, name=name)
     if base_distribution is not None:
