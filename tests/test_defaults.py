@@ -70,10 +70,10 @@ def test_real_nvp_image_default_unchanged():
     assert flow._tfp_nvp_spec["config"]["hidden_units"] == [128]
 
 
-def test_compile_without_optimizer_is_adam_with_the_documented_schedule():
+def test_compile_without_optimizer_is_fused_adam_with_the_documented_schedule():
     model = _small_model()
     model.compile()
-    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    assert type(model.optimizer) is tfp_nvp.FusedAdam
     schedule = model.optimizer._learning_rate
     assert isinstance(schedule, WarmupCosineDecay)
     assert schedule.get_config() == dict(peak_learning_rate=5e-3, warmup_fraction=0.05, final_fraction=0.01,
