@@ -3,6 +3,8 @@
     python benchmarks/glow_digits.py                      # speed table (a few minutes)
     python benchmarks/glow_digits.py --quality-minutes 4  # also train both for 4 minutes, report test bits/dim
     python benchmarks/glow_digits.py --compare-with /tmp/old_checkout   # default GLOW steps/s, old code vs this
+    python benchmarks/glow_digits.py --compare-with /tmp/old_checkout --compare-path fit   # through FlowModel.fit
+    python benchmarks/glow_digits.py --profile            # where the default GLOW step's time goes, by op type
 
 Speed: training steps/s of a `tf.function(jit_compile=True)` Adam step (batch 64, dequantized 8x8 digits) for
 `tfb.Glow` and `tfp_nvp.glow` at the same levels, steps per level and hidden width, plus tfp_nvp's
@@ -14,7 +16,15 @@ uniform and full-covariance Gaussian baselines.
 Before/after (`--compare-with DIR`): DIR is another copy of the repository (e.g. the previous commit). The
 default digits GLOW's training step is timed in fresh processes, alternately importing `tfp_nvp` from DIR
 and from this repository (`--compare-rounds` times each), so both see the same machine load; the table gives
-each round and the median speed-up. The speed table and quality runs are skipped in that mode.
+each round and the median speed-up. `--compare-path step` (the default) times the hand-written Adam step above,
+so only the flow's own code differs; `--compare-path fit` times what a user of each version gets from
+`FlowModel(glow(...), levels=17).compile()` with the package's default optimizer and `fit` (with
+`jit_compile=True` unless `--no-xla`), so changes to the defaults count too. The speed table and quality runs
+are skipped in that mode.
+
+Profile (`--profile`): the default GLOW's Adam step under TensorFlow's profiler for `--profile-steps` steps;
+the kernels' time is summed by op type over all threads (TensorFlow ops without XLA, the compiled HLO
+instructions with it) and printed per step with each type's share of the kernel time.
 """
 
 from __future__ import annotations
@@ -87,6 +97,11 @@ def steps_per_second(step, data, batch, n_steps):
 def fit_steps_per_second(flow, data, args):
     model = tfp_nvp.FlowModel(flow, levels=LEVELS)
     model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=not args.no_xla)
+    return _timed_fit(model, data, args)
+
+
+def _timed_fit(model, data, args):
+    """Steps/s of `model.fit` on 16 batches an epoch, after a first epoch that traces (and compiles)."""
     x = data[np.random.default_rng(0).choice(len(data), args.batch * 16)]
     model.fit(x, batch_size=args.batch, epochs=1, verbose=0)  # compile
     epochs = max(1, args.speed_steps // 16)
@@ -127,15 +142,87 @@ def worker(args):
     flow = ours(args, 1)
     tfp_nvp.initialize(flow, images.dequantize(data["train"][:512], LEVELS, seed=(args.seed, 0)))
     start = time.process_time()
-    rate = steps_per_second(make_step(flow, args.lr, not args.no_xla), data["train"], args.batch,
-                            args.speed_steps)
+    if args.compare_path == "fit":
+        model = tfp_nvp.FlowModel(flow, levels=LEVELS)
+        model.compile(jit_compile=not args.no_xla)  # the version's default optimizer
+        rate = _timed_fit(model, data["train"], args)
+    else:
+        rate = steps_per_second(make_step(flow, args.lr, not args.no_xla), data["train"], args.batch,
+                                args.speed_steps)
     print(json.dumps({"source": os.path.dirname(os.path.dirname(os.path.abspath(tfp_nvp.__file__))),
                       "steps_per_s": rate, "load": os.getloadavg()[0],
                       "cpu_s_incl_compile": time.process_time() - start}))
 
 
+# Profiler events that wrap kernels (eager dispatch, function and executor frames, thread-pool shards): left
+# out so that each kernel's time counts once.
+_WRAPPERS = {"step", "EagerExecute", "TFE_Py_ExecuteCancelable", "EagerKernelExecute", "Run", "Process",
+             "FunctionRun", "ExecutorDoneCallback", "ParallelFor", "ExecuteAsyncOnStream", "BlockUntilReady",
+             "Execute", "EagerCopyToDevice", "tf.constant", "_EagerConst", "EagerLocalExecute"}
+
+
+def profile(args):
+    """Kernel time of the default GLOW step by op type, from TensorFlow's profiler."""
+    import collections
+    import glob
+    import re
+    import tempfile
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    data = images.load_digits_splits(num_validation=200, seed=args.seed)
+    flow = ours(args, 1)
+    tfp_nvp.initialize(flow, images.dequantize(data["train"][:512], LEVELS, seed=(args.seed, 0)))
+    step = make_step(flow, args.lr, not args.no_xla)
+    rate = steps_per_second(step, data["train"], args.batch, args.speed_steps)  # also compiles and warms up
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        start = time.perf_counter()
+        steps_per_second(step, data["train"], args.batch, args.profile_steps)
+        wall = (time.perf_counter() - start) / args.profile_steps
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        with open(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
+            space.ParseFromString(f.read())
+    per_type = collections.Counter()
+    for plane in space.planes:
+        if plane.name != "/host:CPU":
+            continue
+        names = {k: m.name for k, m in plane.event_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                name = names.get(event.metadata_id, "").split(":")[-1].strip()
+                if not name or name in _WRAPPERS or name.startswith("__inference"):
+                    continue
+                # HLO instructions are numbered (convolution.42): one row per kind.
+                per_type[re.sub(r"\.\d+$", "", name)] += event.duration_ps / 1e9 / args.profile_steps
+    total = sum(per_type.values())
+    print(f"\nDefault GLOW step on digits ({args.levels} levels x {args.steps} steps, {args.hidden} hidden, "
+          f"num_blocks=1), batch {args.batch}, {_mode(args)} Adam step, {os.cpu_count()} cores: "
+          f"{rate:.1f} steps/s ({1e3 / rate:.1f} ms a step) before profiling, {1e3 * wall:.1f} ms a step while "
+          f"profiled; kernel time summed over threads {total:.1f} ms a step\n")
+    print("| op type | ms a step (all threads) | share of kernel time |")
+    print("|---|---:|---:|")
+    top = per_type.most_common(args.profile_rows)
+    for name, ms in top:
+        print(f"| {name} | {ms:.2f} | {100 * ms / total:.1f} % |")
+    rest = total - sum(ms for _, ms in top)
+    print(f"| {len(per_type) - len(top)} other op types | {rest:.2f} | {100 * rest / total:.1f} % |")
+    conv = sum(ms for name, ms in per_type.items() if "conv" in name.lower())
+    print(f"\nconvolutions (forward and both gradients): {conv:.1f} ms a step, {100 * conv / total:.0f} % of "
+          "the kernel time")
+    _write_json(args, dict(mode="profile", xla=not args.no_xla, steps_per_s=rate, profiled_ms_per_step=1e3 * wall,
+                           kernel_ms_per_step=total, convolution_share=conv / total,
+                           op_types=[dict(op=name, ms_per_step=ms) for name, ms in per_type.most_common()]))
+
+
 def _mode(args) -> str:
     return "no-XLA" if args.no_xla else "XLA"
+
+
+def _path(args) -> str:
+    return ("FlowModel.fit with compile()'s default optimizer" if args.compare_path == "fit"
+            else "hand-written Adam step")
 
 
 def compare(args):
@@ -146,7 +233,7 @@ def compare(args):
                          f"got {before!r}.")
     passthrough = [f"--levels={args.levels}", f"--steps={args.steps}", f"--hidden={args.hidden}",
                    f"--batch={args.batch}", f"--lr={args.lr}", f"--speed-steps={args.speed_steps}",
-                   f"--seed={args.seed}"] + (["--no-xla"] if args.no_xla else [])
+                   f"--seed={args.seed}", f"--compare-path={args.compare_path}"] + (["--no-xla"] if args.no_xla else [])
     rows = []
     for r in range(args.compare_rounds):
         rates = {}
@@ -161,7 +248,7 @@ def compare(args):
             print(f"round {r}: {label} {result['steps_per_s']:.2f} steps/s (load {result['load']:.1f})", flush=True)
         rows.append(rates)
     print(f"\nDefault GLOW on digits ({args.levels} levels x {args.steps} steps, {args.hidden} hidden, num_blocks=1), "
-          f"batch {args.batch}, {_mode(args)} Adam step, {os.cpu_count()} cores; before = {before}\n")
+          f"batch {args.batch}, {_mode(args)}, {_path(args)}, {os.cpu_count()} cores; before = {before}\n")
     print("| round | before steps/s | after steps/s | speed-up | load (1 min) |")
     print("|---|---:|---:|---:|---:|")
     for r, rates in enumerate(rows):
@@ -172,7 +259,7 @@ def compare(args):
     a = float(np.median([x["after"]["steps_per_s"] for x in rows]))
     speedups = [x["after"]["steps_per_s"] / x["before"]["steps_per_s"] for x in rows]
     print(f"| median | {b:.2f} | {a:.2f} | {a / b:.2f}x | |")
-    _write_json(args, dict(mode="compare", xla=not args.no_xla, before=before, rounds=rows,
+    _write_json(args, dict(mode="compare", xla=not args.no_xla, path=args.compare_path, before=before, rounds=rows,
                            median_before_steps_per_s=b, median_after_steps_per_s=a, speedup_of_medians=a / b,
                            median_round_speedup=float(np.median(speedups))))
 
@@ -201,8 +288,13 @@ def main():
     p.add_argument("--compare-with", default=None, metavar="DIR",
                    help="another copy of the repository: time the default GLOW with its tfp_nvp and with this one")
     p.add_argument("--compare-rounds", type=int, default=2)
+    p.add_argument("--compare-path", choices=["step", "fit"], default="step",
+                   help="what --compare-with times: the hand-written Adam step, or FlowModel.fit with the defaults")
     p.add_argument("--no-xla", action="store_true",
                    help="time tf.function steps without XLA (TensorFlow's oneDNN convolutions on x86 CPUs)")
+    p.add_argument("--profile", action="store_true", help="profile the default GLOW step by op type")
+    p.add_argument("--profile-steps", type=int, default=30)
+    p.add_argument("--profile-rows", type=int, default=12)
     p.add_argument("--json", default=None, help="also write the tables' numbers to this JSON file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -210,6 +302,8 @@ def main():
         return worker(args)
     if args.compare_with:
         return compare(args)
+    if args.profile:
+        return profile(args)
     data = images.load_digits_splits(num_validation=200, seed=args.seed)
 
     rows = []

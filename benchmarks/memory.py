@@ -214,7 +214,7 @@ def main():
     args.base_steps = args.base_steps or 1
     batch = args.batch or (4 if args.quick else 128)
     hidden = args.hidden or (8 if args.quick else 64)
-    train_steps = args.train_steps or (1 if args.quick else 5)
+    train_steps = args.train_steps or (1 if args.quick else 20)
     shape = [8, 8, 3] if args.quick else [32, 32, 3]
 
     results = []

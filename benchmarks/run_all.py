@@ -42,6 +42,7 @@ BENCHMARKS = {
     "memory": "memory.py",
     "probabilistic_programs": "probabilistic_programs.py",
     "glow_digits": "glow_digits.py",
+    "glow_profile": "glow_digits.py --profile",
     "digits": "digits.py",
     "long_run": "long_run.py",
     "defaults": "defaults.py",
@@ -52,11 +53,17 @@ BENCHMARKS = {
 # Smoke settings for scripts that have no --quick option of their own.
 QUICK_FALLBACK = {
     "glow_digits": ["--steps", "1", "--hidden", "16", "--speed-steps", "20"],
+    "glow_profile": ["--steps", "1", "--hidden", "16", "--speed-steps", "20", "--profile-steps", "5"],
 }
 
 
 def script_path(name: str) -> Path:
-    return HERE / BENCHMARKS[name]
+    return HERE / BENCHMARKS[name].split()[0]
+
+
+def script_arguments(name: str) -> list[str]:
+    """Arguments a benchmark entry passes to its script (one script can serve two entries)."""
+    return BENCHMARKS[name].split()[1:]
 
 
 def declares(source: str, option: str) -> bool:
@@ -68,7 +75,7 @@ def command(name: str, quick: bool, out_dir: Path) -> tuple[list[str], str | Non
     """The argv for benchmark `name`, and the JSON path it will write (None if the script cannot)."""
     path = script_path(name)
     source = path.read_text()
-    argv = [sys.executable, str(path)]
+    argv = [sys.executable, str(path), *script_arguments(name)]
     if quick:
         argv += ["--quick"] if declares(source, "--quick") else QUICK_FALLBACK.get(name, [])
     if name == "defaults":

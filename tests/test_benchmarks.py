@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -130,6 +131,31 @@ def test_run_all_commands_pass_quick_and_json(tmp_path):
     assert argv[argv.index("--json") + 1] == json_path
     argv, _ = run_all.command("two_moons", quick=False, out_dir=tmp_path)
     assert "--quick" not in argv
+
+
+def test_run_all_profile_entry_runs_glow_digits_with_its_own_arguments(tmp_path):
+    run_all = load("run_all")
+    argv, json_path = run_all.command("glow_profile", quick=True, out_dir=tmp_path)
+    assert argv[1].endswith("glow_digits.py") and argv[2] == "--profile"
+    assert "--profile-steps" in argv and json_path == str(tmp_path / "glow_profile.json")
+    argv, _ = run_all.command("glow_digits", quick=False, out_dir=tmp_path)
+    assert "--profile" not in argv
+
+
+def test_glow_profile_sums_kernel_time_by_op_type(tmp_path):
+    # A one-step, 8-channel GLOW keeps this cheap; the table must still find the convolutions' kernels.
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "glow_digits.py"), "--profile", "--no-xla", "--steps",
+                           "1", "--hidden", "8", "--speed-steps", "5", "--profile-steps", "3", "--json", str(out)],
+                          cwd=BENCHMARKS.parent, capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    ops = {row["op"]: row["ms_per_step"] for row in result["op_types"]}
+    assert result["kernel_ms_per_step"] == pytest.approx(sum(ops.values()))
+    assert any("Conv2D" in op for op in ops) and 0 < result["convolution_share"] < 1
+    assert not any(op.startswith("__inference") or op in ("Process", "ParallelFor") for op in ops)
+    assert "| op type |" in proc.stdout
 
 
 def test_run_all_keeps_caption_and_tables_of_stdout():
