@@ -77,6 +77,11 @@ RECIPES = {
     # the README quick start with Keras' own Adam in place of compile()'s default tfp_nvp.FusedAdam (the same
     # update rule; FusedAdam runs it as one op per weight)
     "quickstart-noise0.03-kerasadam": dict(quickstart=True, noise=0.03, keras_adam=True),
+    # the quick start's loop on spline_flow([2]): its builder defaults (4 spline couplings of (128, 128)), and
+    # the layout of examples/two_moons.py's spline recipe (8 couplings of (64, 64))
+    "quickstart-spline": dict(quickstart=True, noise=0.03, builder="spline_flow"),
+    "quickstart-spline-8x64": dict(quickstart=True, noise=0.03, builder="spline_flow",
+                                   builder_kwargs=dict(num_coupling_layers=8, hidden_units=(64, 64))),
     # the same with FlowModel(training_noise=s): every training batch jittered by N(0, s^2) (standardized units)
     "quickstart-noise0.02": dict(quickstart=True, noise=0.02),
     "quickstart-noise0.03": dict(quickstart=True, noise=0.03),
@@ -132,7 +137,9 @@ def run_one(name: str, seed: int) -> dict:
     curve = LearningCurve(x_test[:5000], start=(wall0, cpu0), score_untrained=False)
     if recipe.get("quickstart"):
         model, history = run_quickstart(x, seed, extra_callbacks=[clock.callback, curve],
-                                        keras_adam=recipe.get("keras_adam", False), noise=recipe.get("noise"))
+                                        keras_adam=recipe.get("keras_adam", False), noise=recipe.get("noise"),
+                                        builder=recipe.get("builder", "real_nvp"),
+                                        builder_kwargs=recipe.get("builder_kwargs", {}))
     elif recipe.get("package"):
         model = tfp_nvp.FlowModel(tfp_nvp.real_nvp([2], seed=seed))
         model.compile()
@@ -169,12 +176,13 @@ def run_one(name: str, seed: int) -> dict:
                 curve=dict(cpu=curve.cpu_seconds, wall=curve.seconds, nll=curve.nll, points=5000))
 
 
-def run_quickstart(x, seed, extra_callbacks=(), keras_adam=False, noise=None):
-    """The README quick start: the package's defaults, 150 epochs (1800 steps of 256)."""
+def run_quickstart(x, seed, extra_callbacks=(), keras_adam=False, noise=None, builder="real_nvp",
+                   builder_kwargs=None):
+    """The README quick start: the package's defaults, 150 epochs (1800 steps of 256); another builder if asked."""
     import keras
     import tfp_nvp
 
-    flow = tfp_nvp.real_nvp([2], seed=seed)
+    flow = getattr(tfp_nvp, builder)([2], seed=seed, **(builder_kwargs or {}))
     model = tfp_nvp.FlowModel(flow, training_noise=noise)
     model.compile(optimizer=keras.optimizers.Adam(tfp_nvp.WarmupCosineDecay()) if keras_adam else None)
     history = model.fit(x, epochs=150, verbose=0, callbacks=list(extra_callbacks))

@@ -37,18 +37,21 @@ def test_quick_start_is_the_recipe_the_benchmark_measures():
         assert line in code, line
     source = (ROOT / "benchmarks" / "defaults.py").read_text()
     assert '"quickstart-noise0.03": dict(quickstart=True, noise=0.03)' in source
-    for line in ("x = two_moons(3000, seed=seed)", "flow = tfp_nvp.real_nvp([2], seed=seed)",
+    for line in ("x = two_moons(3000, seed=seed)", 'builder="real_nvp"',
+                 "flow = getattr(tfp_nvp, builder)([2], seed=seed, **(builder_kwargs or {}))",
                  "model = tfp_nvp.FlowModel(flow, training_noise=noise)",
                  "history = model.fit(x, epochs=150, verbose=0"):
         assert line in source, line
 
 
 def test_quick_start_runs_as_written_and_trains(capsys):
-    # The README block verbatim (about 15 s). A loose check that it trains; the measured figures (seeds,
-    # held-out NLL, time to 1.20) come from benchmarks/defaults.py, not from here.
+    # The README block verbatim (about 15 s), under conftest's global seed. The measured figures (seeds,
+    # held-out NLL, time to 1.20) come from benchmarks/defaults.py, not from here; this checks the block
+    # reaches the documented target of 1.20. Under this seed it scored 1.168 (most seeds 1.16-1.18, the worst
+    # seen 1.216), leaving ~0.03 nats for rounding differences on other CPUs.
     namespace: dict = {}
     exec(compile(_quick_start_code(), "README quick start", "exec"), namespace)
     held_out = float(capsys.readouterr().out.strip().splitlines()[-1])
-    assert held_out < 1.25, held_out  # an untrained flow scores 2.84
+    assert held_out <= 1.20, held_out  # an untrained flow scores 2.84; the bound is 1.1312
     samples = namespace["flow"].sample(5, seed=0)
     assert samples.shape == (5, 2)
