@@ -37,6 +37,8 @@ def parse_args():
     p.add_argument("--steps", type=int, default=4, help="flow steps per level")
     p.add_argument("--hidden", type=int, default=None,
                    help="hidden channels of the coupling networks (default: 64 for affine, 16 for spline couplings)")
+    p.add_argument("--log-scale-bound", choices=["sigmoid", "tanh", "none"], default="tanh",
+                   help="how affine couplings bound their log-scale (tfp_nvp.glow's log_scale_bound)")
     p.add_argument("--coupling", choices=["affine", "spline"], default="affine",
                    help="affine couplings, or rational-quadratic spline couplings (8 bins on [-4, 4])")
     p.add_argument("--batch-size", type=int, default=64)
@@ -97,7 +99,8 @@ def main():
     shape = data["train"].shape[1:]
 
     flow = tfp_nvp.glow(shape, num_levels=args.levels, num_steps_per_level=args.steps,
-                        hidden_channels=args.hidden, coupling=args.coupling, seed=args.seed)
+                        hidden_channels=args.hidden, coupling=args.coupling, seed=args.seed,
+                        log_scale_bound=args.log_scale_bound)
     model = tfp_nvp.FlowModel(flow, levels=levels)
     tfp_nvp.initialize(model, images.dequantize(data["train"][:512], levels, seed=(args.seed, 0)))
     model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=True)

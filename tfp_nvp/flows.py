@@ -273,7 +273,7 @@ def glow(
     num_blocks: int = 1,
     exit_fraction: float = 0.5,
     lu_decomposed: bool = True,
-    log_scale_bound: str = "sigmoid",
+    log_scale_bound: str = "tanh",
     l2: float = 0.0,
     logit_alpha: float | None = 0.05,
     conditional_shape: Sequence[int] | None = None,
@@ -313,6 +313,11 @@ def glow(
     small dense network (`hidden_channels` wide): on a standard normal base that is a conditional Gaussian
     top-level prior. Pass `c` with `bijector_kwargs=tfp_nvp.conditional_kwargs(flow, c)` to `log_prob` and
     `sample`, or as `{"x": x, "conditional_input": c}` to `tfp_nvp.FlowModel`.
+
+    Affine couplings bound their log-scale with `log_scale_bound`: `"tanh"` (the default, `scale * tanh(h)`
+    with a learnable `scale`), `"sigmoid"` (GLOW's: the data -> latent pass multiplies by `sigmoid(h + 2)`,
+    normalised to 1 at `h = 0`, so it can expand an activation by at most 1.135) or `"none"`. On digits the
+    tanh bound reached lower test bits/dim than GLOW's sigmoid in every one of five seeds (README).
 
     `coupling="spline"` replaces each affine coupling by a `tfp_nvp.SplineCoupling` on the same channel mask
     and network: a monotone rational-quadratic spline of `num_bins` bins on `[-bound, bound]` (the identity
