@@ -17,7 +17,7 @@ from tfp_nvp.bijectors._base import (
     check_dtype,
     traced_only_cache,
 )
-from tfp_nvp.bijectors.coupling import _LOG_SIGMOID_2, LOG_SCALE_BOUNDS
+from tfp_nvp.bijectors.coupling import LOG_SCALE_BOUNDS, _bounded_log_scale
 
 __all__ = ["MaskedAutoregressive", "InverseAutoregressive", "DIRECTIONS"]
 
@@ -193,14 +193,7 @@ class MaskedAutoregressive(KerasParameterizedBijector):
         """Shift and bounded log-scale, each `[N, D]`, for a flat batch `u` (`[N, D]`) and condition `c`."""
         shift, h = self._contract.split(self._call_network(u, c))
         shift, h = tf.cast(shift, u.dtype), tf.cast(h, u.dtype)
-        if self._log_scale_bound == "tanh":
-            log_scale = tf.cast(self._holder.scale.value, u.dtype) * tf.tanh(h)
-        elif self._log_scale_bound == "sigmoid":
-            # tf.constant, not a cast: casting a Python float goes through float32 and would round it.
-            log_scale = tf.constant(_LOG_SIGMOID_2, u.dtype) - tf.math.log_sigmoid(h + 2.0)
-        else:
-            log_scale = h
-        return shift, log_scale
+        return shift, _bounded_log_scale(h, self._log_scale_bound, self.scale)
 
     def _flatten_batch(self, t, conditional_input):
         """`t` as `[N, D]`, the condition as `[N, C]` (or None), and the broadcast batch shape."""

@@ -33,6 +33,22 @@ LOG_SCALE_BOUNDS = ("tanh", "sigmoid", "none")
 _LOG_SIGMOID_2 = -math.log1p(math.exp(-2.0))
 
 
+def _bounded_log_scale(h, bound: str, scale):
+    """The log-scale `s` of an affine transformer from its raw network output `h`, under `bound`.
+
+    `scale` is the learnable bound of `"tanh"` (a Keras variable; unused otherwise).
+    """
+    if bound == "tanh":
+        return tf.cast(scale.value, h.dtype) * tf.tanh(h)
+    if bound == "sigmoid":
+        # GLOW bounds the scale of the data -> latent pass (TFP's inverse), so a training step cannot blow an
+        # activation up through a layer: a flow that bounded the sampling direction instead diverged to an
+        # infinite latent on an ordinary training image (digits, 22 epochs). tf.constant, not a cast: casting a
+        # Python float goes through float32 and would round it.
+        return tf.constant(_LOG_SIGMOID_2, h.dtype) - tf.math.log_sigmoid(h + 2.0)
+    return h
+
+
 class _Coupling(KerasParameterizedBijector):
     """What every coupling shares; a subclass supplies only its elementwise transformer.
 
@@ -412,16 +428,7 @@ class AffineCoupling(_Coupling):
 
     def _transformer(self, shift, h):
         """(shift, log_scale) with the log-scale bounded, both zero on the conditioning entries of a spatial mask."""
-        if self._log_scale_bound == "tanh":
-            log_scale = tf.cast(self._holder.scale.value, h.dtype) * tf.tanh(h)
-        elif self._log_scale_bound == "sigmoid":
-            # GLOW bounds the scale of the data -> latent pass (TFP's inverse), so a training step cannot blow an
-            # activation up through a coupling: a flow that bounded the sampling direction instead diverged to
-            # an infinite latent on an ordinary training image (digits, 22 epochs). tf.constant, not a cast:
-            # casting a Python float goes through float32 and would round it.
-            log_scale = tf.constant(_LOG_SIGMOID_2, h.dtype) - tf.math.log_sigmoid(h + 2.0)
-        else:
-            log_scale = h
+        log_scale = _bounded_log_scale(h, self._log_scale_bound, self.scale)
         if not self._gather:
             free = tf.constant(~self._keep, h.dtype)
             shift, log_scale = shift * free, log_scale * free
