@@ -397,3 +397,48 @@ def test_training_noise_and_levels_exclude_each_other():
     with pytest.raises(ValueError, match="`training_noise` is for continuous data"):
         FlowModel(tfp_nvp.real_nvp([4, 4, 1], num_coupling_layers=1, hidden_units=(4,)), levels=5,
                   training_noise=0.1)
+
+
+def _rewrite_spec(path, out, edit):
+    """Copy of the `.keras` archive `path` with its flow spec passed through `edit` (a dict -> None)."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                edit(config["config"]["distribution"])
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    return out
+
+
+@pytest.mark.parametrize("builder, kwargs", [
+    ("real_nvp", dict(event_shape=[2], num_coupling_layers=2, hidden_units=(4,))),
+    ("maf", dict(event_shape=[3], num_layers=2, hidden_units=(8,))),
+])
+def test_keras_file_spec_format(builder, kwargs, tmp_path):
+    """Specs carry a format; an old file whose sigmoid bound had the other orientation is refused, not
+    silently rebuilt into different densities; old tanh files, and the present format, load exactly."""
+    x = tf.random.stateless_normal([16, *kwargs["event_shape"]], seed=[3, 4])
+    for bound in ("sigmoid", "tanh"):
+        model = FlowModel(getattr(tfp_nvp, builder)(**kwargs, log_scale_bound=bound, seed=5))
+        model.log_prob(x)
+        assert model.get_config()["distribution"]["format"] == tfp_nvp.flows.SPEC_FORMAT
+        path = tmp_path / f"{builder}_{bound}.keras"
+        model.save(path)
+        np.testing.assert_array_equal(keras.saving.load_model(path).log_prob(x), model.log_prob(x))
+        old = _rewrite_spec(path, tmp_path / f"old_{builder}_{bound}.keras", lambda spec: spec.pop("format"))
+        if bound == "sigmoid":
+            with pytest.raises(ValueError, match="log_scale_bound='sigmoid'.*older than 2026-11-27"):
+                keras.saving.load_model(old)
+        else:
+            np.testing.assert_array_equal(keras.saving.load_model(old).log_prob(x), model.log_prob(x))
+    newer = _rewrite_spec(path, tmp_path / "newer.keras", lambda spec: spec.update(format=99))
+    with pytest.raises(ValueError, match="newer tfp_nvp.*format 99"):
+        keras.saving.load_model(newer)
+    unknown = _rewrite_spec(path, tmp_path / "unknown.keras", lambda spec: spec.update(builder="nice"))
+    with pytest.raises(ValueError, match="builder 'nice'"):
+        keras.saving.load_model(unknown)

@@ -125,10 +125,40 @@ class _Flow(_TransformedDistribution):
         return tf.where(overflow, tf.constant(-np.inf, log_prob.dtype), log_prob)
 
 
+# Version of the builder specs written into `.keras` files. 2: the "sigmoid" log-scale bound scales the
+# data -> latent pass (GLOW's orientation); specs without a format were written when it scaled the other one.
+SPEC_FORMAT = 2
+
+
 def _remember(dist, builder: str, config: dict):
     # FlowModel.get_config needs to rebuild the same flow when a `.keras` file is loaded.
-    dist._tfp_nvp_spec = {"builder": builder, "config": config}
+    dist._tfp_nvp_spec = {"builder": builder, "config": config, "format": SPEC_FORMAT}
     return dist
+
+
+def from_spec(spec: dict):
+    """The flow a builder spec (what `FlowModel` and `FlowLayer` write into `.keras` files) describes.
+
+    Refuses, with the reason, specs this version would rebuild into a different function: those of unknown
+    builders, of a newer format, and the "sigmoid" log-scale bound of files written before its orientation
+    was GLOW's (their weights were trained for the inverse transformer; loading them would silently change
+    every density the model gives).
+    """
+    builder, config, version = spec.get("builder"), spec.get("config", {}), spec.get("format", 1)
+    if builder not in BUILDERS:
+        raise ValueError(f"The saved flow names builder {builder!r}, which this tfp_nvp does not have "
+                         f"(it has {', '.join(sorted(BUILDERS))}).")
+    if version > SPEC_FORMAT:
+        raise ValueError(f"The saved {builder} flow was written by a newer tfp_nvp (spec format {version}; this "
+                         f"version reads up to {SPEC_FORMAT}): upgrade tfp_nvp to load it.")
+    if version < 2 and config.get("log_scale_bound") == "sigmoid":
+        raise ValueError(
+            f"The saved {builder} flow uses log_scale_bound='sigmoid' and was written by a tfp_nvp older than "
+            "2026-11-27, whose sigmoid bound scaled the latent -> data pass; this version scales the data -> "
+            "latent pass (GLOW's orientation), so its weights would give different densities and samples. "
+            f"Retrain it, or rebuild the flow with tfp_nvp.{builder}(...) and call load_weights to start "
+            "from its weights.")
+    return BUILDERS[builder](**config)
 
 
 # `real_nvp`'s network for vector events when none is given (benchmarks/defaults.py measured the choice).

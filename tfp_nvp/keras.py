@@ -145,7 +145,7 @@ class FlowModel(keras.Model):
     def __init__(self, distribution: tfd.Distribution, levels: int | None = None, training_noise=None, **kwargs):
         if isinstance(distribution, dict):  # from_config
             spec = distribution
-            distribution = flows.BUILDERS[spec["builder"]](**spec["config"])
+            distribution = flows.from_spec(spec)
         if not isinstance(distribution, tfd.Distribution):
             raise ValueError(f"`distribution` must be a tfd.Distribution; got {type(distribution).__name__}.")
         kwargs.setdefault("dtype", distribution.dtype.name)

@@ -43,7 +43,7 @@ class FlowLayer(keras.layers.Layer):
 
     def __init__(self, flow, nll_loss: bool = False, **kwargs):
         if isinstance(flow, dict):  # from_config: the builder's name and arguments
-            flow = flows.BUILDERS[flow["builder"]](**flow["config"])
+            flow = flows.from_spec(flow)
         if not isinstance(flow, tfd.Distribution) or not hasattr(flow, "bijector"):
             raise TypeError(f"`flow` must be a flow distribution from a tfp_nvp builder; got {type(flow).__name__}.")
         if isinstance(flow, ConditionedFlow):
