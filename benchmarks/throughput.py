@@ -15,7 +15,9 @@ Training is timed in steps per second over a few epochs after a warm-up (tracing
 `log_prob` and `sample` in points per second for one `tf.function` call on `--points` points each side, both
 jit-compiled and not (without XLA the graph runs as written, so what each flow computes shows; with XLA both
 spend nearly all their time in the same matmuls), and each side's faster mode against the other's. Every
-figure is the best of `--rounds` interleaved rounds: on a shared machine noise only slows a run down.
+figure is the best of `--rounds` interleaved rounds (on a shared machine noise only slows a run down), and
+each ratio is also given within each round, where the two sides ran back to back: the median and range of
+those say whether a difference is more than the machine's drift.
 
     python benchmarks/throughput.py            # a few minutes on 2 cores
     python benchmarks/throughput.py --quick    # smoke run
@@ -119,21 +121,27 @@ class FitTrainer:
 
 # ------------------------------------------------------------------------------------------------ timing
 def best_rate(runners, warmup, work, rounds, amount):
-    """Best `amount / seconds` of each runner over interleaved rounds, after one warm-up call each."""
+    """Best `amount / seconds` of each runner over interleaved rounds, after one warm-up call each, and every
+    round's rates (`{name: [rate per round]}`): runners timed back to back in one round saw the same machine."""
     for name, run in runners.items():
         print(f"  warming up {name} ...", flush=True)
         start = time.perf_counter()
         run(warmup)
         print(f"    {time.perf_counter() - start:.1f} s (trace + compile + {warmup} units)", flush=True)
-    best = {name: 0.0 for name in runners}
+    per_round = {name: [] for name in runners}
     for r in range(rounds):
         for name, run in runners.items():
             start = time.perf_counter()
             run(work)
-            rate = amount / (time.perf_counter() - start)
-            best[name] = max(best[name], rate)
-            print(f"  round {r + 1}: {name}: {rate:,.1f}", flush=True)
-    return best
+            per_round[name].append(amount / (time.perf_counter() - start))
+            print(f"  round {r + 1}: {name}: {per_round[name][-1]:,.1f}", flush=True)
+    return {name: max(rates) for name, rates in per_round.items()}, per_round
+
+
+def paired_ratios(per_round, name, reference):
+    """Median, lowest and highest of `name`'s rate over `reference`'s within each round."""
+    ratios = np.array(per_round[name]) / np.array(per_round[reference])
+    return float(np.median(ratios)), float(ratios.min()), float(ratios.max())
 
 
 def eval_runners(points, seed=0, jit_compile=True):
@@ -173,7 +181,7 @@ def main():
     p.add_argument("--epochs", type=int, default=5, help="epochs per timed training round")
     p.add_argument("--points", type=int, default=10_000, help="points per log_prob / sample call")
     p.add_argument("--calls", type=int, default=10, help="log_prob / sample calls per timed round")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "throughput.json"),
                    help="where to write the results (default: benchmarks/results/throughput.json)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budget, one round, no JSON")
@@ -186,7 +194,7 @@ def main():
     x = two_moons(args.batch * args.steps_per_epoch, seed=0).astype("float32")
     steps = args.epochs * args.steps_per_epoch
     print("training (steps/s) ...", flush=True)
-    train = best_rate({
+    train, train_rounds = best_rate({
         "FlowModel.fit, compile()": FitTrainer(x, args.batch),
         "FlowModel.fit, compile(jit_compile=True)": FitTrainer(x, args.batch, jit_compile=True),
         "FlowModel.fit, compile(FusedAdam, jit_compile=True)": FitTrainer(
@@ -196,31 +204,34 @@ def main():
         "tfb.RealNVP, tf.function(jit_compile=True) loop": TfbTrainer(x, args.batch),
     }, warmup=1, work=args.epochs, rounds=args.rounds, amount=steps)
     print("log_prob and sample (points/s) ...", flush=True)
-    evaluation = {}  # (mode, "log_prob" | "sample") -> {side: rate}
+    evaluation, evaluation_rounds = {}, {}  # (mode, "log_prob" | "sample") -> {side: rate}, {side: [rates]}
     for mode, jit in (("jit-compiled", True), ("no XLA", False)):
         ev = eval_runners(args.points, jit_compile=jit)
         for i, label in enumerate(("log_prob", "sample")):
-            evaluation[(mode, label)] = best_rate({side: fns[i] for side, fns in ev.items()}, warmup=1,
+            evaluation[(mode, label)], evaluation_rounds[(mode, label)] = best_rate({side: fns[i] for side, fns in ev.items()}, warmup=1,
                                                   work=args.calls, rounds=args.rounds,
                                                   amount=args.calls * args.points)
     load_after = load_average()
 
-    ref_train = train["tfb.RealNVP, tf.function(jit_compile=True) loop"]
-    rows = [(f"train: {name}", "steps/s", rate, rate / ref_train) for name, rate in train.items()]
+    ref_name = "tfb.RealNVP, tf.function(jit_compile=True) loop"
+    rows = [(f"train: {name}", "steps/s", rate, rate / train[ref_name], paired_ratios(train_rounds, name, ref_name))
+            for name, rate in train.items()]
     for label in ("log_prob", "sample"):
         for mode in ("jit-compiled", "no XLA"):
             results = evaluation[(mode, label)]
             for side, rate in results.items():
                 rows.append((f"{label}: {side} ({mode} tf.function, {args.points} points)", "points/s", rate,
-                             rate / results["tfb.RealNVP"]))
+                             rate / results["tfb.RealNVP"],
+                             paired_ratios(evaluation_rounds[(mode, label)], side, "tfb.RealNVP")))
         best = {side: max(evaluation[(m, label)][side] for m in ("jit-compiled", "no XLA"))
                 for side in ("tfp_nvp", "tfb.RealNVP")}
         rows.append((f"{label}: tfp_nvp's faster mode against tfb.RealNVP's", "points/s", best["tfp_nvp"],
-                     best["tfp_nvp"] / best["tfb.RealNVP"]))
+                     best["tfp_nvp"] / best["tfb.RealNVP"], None))
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     conditions = (f"{when}; {os.cpu_count()} CPUs ({platform.machine()}), load average (1, 5, 15 min) "
                   f"{load_before} before, {load_after} after; TF {tf.__version__}, Keras {keras.__version__}, "
-                  f"TFP {tfp.__version__}; best of {args.rounds} interleaved rounds; training: batch {args.batch}, "
+                  f"TFP {tfp.__version__}; best of {args.rounds} interleaved rounds, and the median (lowest-highest) of the "
+                  f"ratios within a round; training: batch {args.batch}, "
                   f"{args.steps_per_epoch} steps/epoch, {args.epochs} epochs per round")
     print()
     print(conditions)
@@ -230,15 +241,18 @@ def main():
     flops = matmul_flops_per_point()
     print(f"log_prob / sample: {flops / 1e6:.2f} MFLOP of matmuls needed per point (one pass of every tower)")
     print()
-    print("| what | unit | rate | vs tfb.RealNVP | needed matmul GFLOP/s |")
-    print("|---|---|---:|---:|---:|")
-    for what, unit, rate, ratio in rows:
+    print("| what | unit | best rate | best vs best tfb.RealNVP | ratio within a round: median (range) | "
+          "needed matmul GFLOP/s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for what, unit, rate, ratio, paired in rows:
         gflops = f"{rate * flops / 1e9:.0f}" if unit == "points/s" else "-"
-        print(f"| {what} | {unit} | {rate:,.1f} | {ratio:.2f} | {gflops} |")
+        within = "-" if paired is None else f"{paired[0]:.3f} ({paired[1]:.3f}-{paired[2]:.3f})"
+        print(f"| {what} | {unit} | {rate:,.1f} | {ratio:.3f} | {within} | {gflops} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"conditions": conditions, "args": vars(args), "matmul_flops_per_point": flops,
-                       "rows": [dict(what=w, unit=u, rate=r, ratio=q) for w, u, r, q in rows]}, f, indent=1)
+                       "rows": [dict(what=w, unit=u, rate=r, ratio=q, ratio_within_round=m)
+                                for w, u, r, q, m in rows]}, f, indent=1)
         print(f"\nwrote {args.json}")
 
 
