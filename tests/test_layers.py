@@ -167,6 +167,12 @@ def test_unconditional_layer(tmp_path):
     assert model.get_layer("density").sample(4, seed=0).shape == (4, 2)
     model.save(str(tmp_path / "plain.keras"))
     np.testing.assert_array_equal(keras.models.load_model(str(tmp_path / "plain.keras"))(y), model(y))
+    # The layer's spec carries the format FlowModel's does; a format-less "sigmoid" spec is refused the same way.
+    spec = model.get_layer("density").get_config()["flow"]
+    assert spec["format"] == tfp_nvp.flows.SPEC_FORMAT
+    old = {"builder": spec["builder"], "config": {**spec["config"], "log_scale_bound": "sigmoid"}}
+    with pytest.raises(ValueError, match="log_scale_bound='sigmoid'"):
+        FlowLayer.from_config({"flow": old})
 
 
 # ------------------------------------------------------------------------------------------- errors
