@@ -87,6 +87,15 @@ RECIPES = {
     "quickstart-noise0.03": dict(quickstart=True, noise=0.03),
     "quickstart-noise0.04": dict(quickstart=True, noise=0.04),
     "quickstart-noise0.05": dict(quickstart=True, noise=0.05),
+    # the quick start with a longer cosine budget (its slow seeds' curves still fall at epoch 150)
+    "quickstart-noise0.03-e200": dict(quickstart=True, noise=0.03, epochs=200),
+    "quickstart-noise0.03-e250": dict(quickstart=True, noise=0.03, epochs=250),
+    # the quick start with one optimizer or batch setting changed (`optimizer`: FusedAdam keyword arguments,
+    # `peak`: the schedule's peak rate, `batch_size`: fit's)
+    # ... clipnorm=1.0 is the README quick start as written
+    "quickstart-noise0.03-clip1": dict(quickstart=True, noise=0.03, optimizer=dict(clipnorm=1.0)),
+    "quickstart-noise0.03-peak1e-2": dict(quickstart=True, noise=0.03, peak=1e-2),
+    "quickstart-noise0.03-b128": dict(quickstart=True, noise=0.03, batch_size=128),
 }
 
 
@@ -139,7 +148,10 @@ def run_one(name: str, seed: int) -> dict:
         model, history = run_quickstart(x, seed, extra_callbacks=[clock.callback, curve],
                                         keras_adam=recipe.get("keras_adam", False), noise=recipe.get("noise"),
                                         builder=recipe.get("builder", "real_nvp"),
-                                        builder_kwargs=recipe.get("builder_kwargs", {}))
+                                        builder_kwargs=recipe.get("builder_kwargs", {}),
+                                        epochs=RECIPES[name].get("epochs", 150),  # not BASE's 50
+                                        optimizer=recipe.get("optimizer"), peak=recipe.get("peak"),
+                                        batch_size=RECIPES[name].get("batch_size"))
     elif recipe.get("package"):
         model = tfp_nvp.FlowModel(tfp_nvp.real_nvp([2], seed=seed))
         model.compile()
@@ -177,15 +189,22 @@ def run_one(name: str, seed: int) -> dict:
 
 
 def run_quickstart(x, seed, extra_callbacks=(), keras_adam=False, noise=None, builder="real_nvp",
-                   builder_kwargs=None):
-    """The README quick start: the package's defaults, 150 epochs (1800 steps of 256); another builder if asked."""
+                   builder_kwargs=None, epochs=150, optimizer=None, peak=None, batch_size=None):
+    """The README quick start: the package's defaults, 150 epochs (1800 steps of 256); another builder or
+    budget if asked."""
     import keras
     import tfp_nvp
 
     flow = getattr(tfp_nvp, builder)([2], seed=seed, **(builder_kwargs or {}))
     model = tfp_nvp.FlowModel(flow, training_noise=noise)
-    model.compile(optimizer=keras.optimizers.Adam(tfp_nvp.WarmupCosineDecay()) if keras_adam else None)
-    history = model.fit(x, epochs=150, verbose=0, callbacks=list(extra_callbacks))
+    schedule = tfp_nvp.WarmupCosineDecay(**({} if peak is None else dict(peak_learning_rate=peak)))
+    if keras_adam:
+        model.compile(optimizer=keras.optimizers.Adam(schedule))
+    elif optimizer is not None or peak is not None:
+        model.compile(optimizer=tfp_nvp.FusedAdam(schedule, **(optimizer or {})))
+    else:
+        model.compile()
+    history = model.fit(x, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=list(extra_callbacks))
     return model, history
 
 
