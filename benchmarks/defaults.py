@@ -91,8 +91,7 @@ RECIPES = {
     "quickstart-noise0.03-e200": dict(quickstart=True, noise=0.03, epochs=200),
     "quickstart-noise0.03-e250": dict(quickstart=True, noise=0.03, epochs=250),
     # the quick start with one optimizer or batch setting changed (`optimizer`: FusedAdam keyword arguments,
-    # `peak`: the schedule's peak rate, `batch_size`: fit's)
-    # ... clipnorm=1.0 is the README quick start as written
+    # `peak`: the schedule's peak rate, `batch_size`: fit's); "-clip1" is the README quick start as written
     "quickstart-noise0.03-clip1": dict(quickstart=True, noise=0.03, optimizer=dict(clipnorm=1.0)),
     "quickstart-noise0.03-peak1e-2": dict(quickstart=True, noise=0.03, peak=1e-2),
     "quickstart-noise0.03-b128": dict(quickstart=True, noise=0.03, batch_size=128),
@@ -151,7 +150,7 @@ def run_one(name: str, seed: int) -> dict:
                                         builder_kwargs=recipe.get("builder_kwargs", {}),
                                         epochs=RECIPES[name].get("epochs", 150),  # not BASE's 50
                                         optimizer=recipe.get("optimizer"), peak=recipe.get("peak"),
-                                        batch_size=RECIPES[name].get("batch_size"))
+                                        batch_size=recipe.get("batch_size"))
     elif recipe.get("package"):
         model = tfp_nvp.FlowModel(tfp_nvp.real_nvp([2], seed=seed))
         model.compile()

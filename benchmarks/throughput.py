@@ -208,9 +208,9 @@ def main():
     for mode, jit in (("jit-compiled", True), ("no XLA", False)):
         ev = eval_runners(args.points, jit_compile=jit)
         for i, label in enumerate(("log_prob", "sample")):
-            evaluation[(mode, label)], evaluation_rounds[(mode, label)] = best_rate({side: fns[i] for side, fns in ev.items()}, warmup=1,
-                                                  work=args.calls, rounds=args.rounds,
-                                                  amount=args.calls * args.points)
+            evaluation[(mode, label)], evaluation_rounds[(mode, label)] = best_rate(
+                {side: fns[i] for side, fns in ev.items()}, warmup=1, work=args.calls, rounds=args.rounds,
+                amount=args.calls * args.points)
     load_after = load_average()
 
     ref_name = "tfb.RealNVP, tf.function(jit_compile=True) loop"
@@ -230,9 +230,9 @@ def main():
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     conditions = (f"{when}; {os.cpu_count()} CPUs ({platform.machine()}), load average (1, 5, 15 min) "
                   f"{load_before} before, {load_after} after; TF {tf.__version__}, Keras {keras.__version__}, "
-                  f"TFP {tfp.__version__}; best of {args.rounds} interleaved rounds, and the median (lowest-highest) of the "
-                  f"ratios within a round; training: batch {args.batch}, "
-                  f"{args.steps_per_epoch} steps/epoch, {args.epochs} epochs per round")
+                  f"TFP {tfp.__version__}; best of {args.rounds} interleaved rounds, and the median (lowest-highest) "
+                  f"of the ratios within a round; training: batch {args.batch}, {args.steps_per_epoch} steps/epoch, "
+                  f"{args.epochs} epochs per round")
     print()
     print(conditions)
     print()
