@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -224,30 +226,63 @@ def run_mlp(layers_, x, activation):
 @pytest.mark.parametrize("batched", [True, False])
 def test_fused_towers_equal_two_independent_mlps(output_units, conditional, batched):
     net = DenseNetwork((16, 8, 8), output_units=output_units, activation="tanh", separate_towers=True, seed=0)
-    if not batched:  # the path large batches take: one tower after the other on the stacked weights
+    # Small batches take the batched layout while a gradient is recorded (test_tower_layout_follows_use); large
+    # ones, one tower after the other on the stacked weights.
+    if not batched:
         net._batched_max = 0
-    x = tf.random.stateless_normal([6, 2], seed=[3, 0])
-    c = tf.random.stateless_normal([6, 3], seed=[3, 1]) if conditional else None
-    net(x, conditional_input=c)
-    randomize_layer(net, 5)
-    shift, log_scale = net(x, conditional_input=c)
-    inputs = x.numpy() if c is None else np.concatenate([x.numpy(), c.numpy()], axis=-1)
-    towers = tower_weights(net)
-    widths = output_units if isinstance(output_units, tuple) else (output_units, output_units)
-    for out, tower, width in zip((shift, log_scale), towers, widths):
-        assert out.shape == (6, width)
-        np.testing.assert_allclose(out, run_mlp(tower, inputs.astype(np.float64), np.tanh), rtol=1e-4, atol=1e-5)
-    # The towers are independent: changing one tower's weights leaves the other output unchanged.
-    net._kernels[1].assign(net._kernels[1] * tf.constant([1.0, 0.5])[:, None, None])
-    new_shift, new_log_scale = net(x, conditional_input=c)
-    np.testing.assert_array_equal(new_shift, shift)
-    assert np.abs(new_log_scale.numpy() - log_scale.numpy()).max() > 1e-3
-    # Batch dimensions of any rank.
-    x3 = tf.reshape(x, [2, 3, 2])
-    c3 = None if c is None else tf.reshape(c, [2, 3, 3])
-    s3, l3 = net(x3, conditional_input=c3)
-    np.testing.assert_allclose(tf.reshape(s3, new_shift.shape), new_shift, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(tf.reshape(l3, new_log_scale.shape), new_log_scale, rtol=1e-6, atol=1e-6)
+    with tf.GradientTape() if batched else contextlib.nullcontext():
+        x = tf.random.stateless_normal([6, 2], seed=[3, 0])
+        c = tf.random.stateless_normal([6, 3], seed=[3, 1]) if conditional else None
+        net(x, conditional_input=c)
+        randomize_layer(net, 5)
+        shift, log_scale = net(x, conditional_input=c)
+        inputs = x.numpy() if c is None else np.concatenate([x.numpy(), c.numpy()], axis=-1)
+        towers = tower_weights(net)
+        widths = output_units if isinstance(output_units, tuple) else (output_units, output_units)
+        for out, tower, width in zip((shift, log_scale), towers, widths):
+            assert out.shape == (6, width)
+            np.testing.assert_allclose(out, run_mlp(tower, inputs.astype(np.float64), np.tanh), rtol=1e-4, atol=1e-5)
+        # The towers are independent: changing one tower's weights leaves the other output unchanged.
+        net._kernels[1].assign(net._kernels[1] * tf.constant([1.0, 0.5])[:, None, None])
+        new_shift, new_log_scale = net(x, conditional_input=c)
+        np.testing.assert_array_equal(new_shift, shift)
+        assert np.abs(new_log_scale.numpy() - log_scale.numpy()).max() > 1e-3
+        # Batch dimensions of any rank.
+        x3 = tf.reshape(x, [2, 3, 2])
+        c3 = None if c is None else tf.reshape(c, [2, 3, 3])
+        s3, l3 = net(x3, conditional_input=c3)
+        np.testing.assert_allclose(tf.reshape(s3, new_shift.shape), new_shift, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(tf.reshape(l3, new_log_scale.shape), new_log_scale, rtol=1e-6, atol=1e-6)
+
+
+def _traced_matmul_types(net, x, jit_compile=False, tape=False, signature=None):
+    def call(x):
+        if not tape:
+            return net(x)
+        with tf.GradientTape() as t:
+            t.watch(x)
+            return net(x)
+
+    fn = tf.function(call, jit_compile=jit_compile, input_signature=signature)
+    graph = fn.get_concrete_function(*([] if signature else [x])).graph
+    return {op.type for op in graph.get_operations() if "MatMul" in op.type}
+
+
+def test_tower_layout_follows_use():
+    """Small batches run the towers as one batched matmul per layer where that is faster on CPU (under XLA, and
+    when a gradient follows: training), one tower after the other for a plain forward pass (`log_prob`, `sample`
+    without XLA) and for large batches; both layouts compute the same function (test above)."""
+    net = DenseNetwork((16, 8), output_units=2, separate_towers=True, seed=0)
+    x = tf.random.stateless_normal([64, 3], seed=[1, 2])
+    net(x)
+    assert _traced_matmul_types(net, x) == {"MatMul"}
+    assert _traced_matmul_types(net, x, tape=True) == {"BatchMatMulV2"}
+    assert _traced_matmul_types(net, x, jit_compile=True) == {"BatchMatMulV2"}
+    # Unknown batch sizes (fit's and evaluate's batches) take the training layout.
+    assert _traced_matmul_types(net, x, signature=[tf.TensorSpec([None, 3])]) == {"BatchMatMulV2"}
+    big = tf.zeros([DenseNetwork._batched_max + 1, 3])
+    assert _traced_matmul_types(net, big, tape=True) == {"MatMul"}
+    assert _traced_matmul_types(net, big, jit_compile=True) == {"MatMul"}
 
 
 def test_fused_towers_start_from_independently_seeded_towers():
