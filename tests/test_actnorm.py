@@ -9,7 +9,7 @@ import tensorflow_probability as tfp
 
 import tfp_nvp
 from tfp_nvp.bijectors.actnorm import ActNorm
-from tfp_nvp.initialize import initialize
+from tfp_nvp import initialize
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 

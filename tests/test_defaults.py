@@ -11,7 +11,7 @@ import tensorflow as tf
 import tfp_nvp
 from tfp_nvp import WarmupCosineDecay
 from tfp_nvp.bijectors import AffineCoupling
-from tfp_nvp.keras import DEFAULT_BATCH_SIZE
+from tfp_nvp.models.flow_model import DEFAULT_BATCH_SIZE
 
 
 def _couplings(flow):

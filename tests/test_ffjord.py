@@ -13,7 +13,9 @@ import pytest
 import tensorflow as tf
 
 import tfp_nvp
-from tfp_nvp.ffjord import FFJORDFlow, TimeDerivativeNetwork, ffjord
+from tfp_nvp import ffjord
+from tfp_nvp.bijectors import FFJORDFlow
+from tfp_nvp.nn import TimeDerivativeNetwork
 
 
 def randomize(flow, seed, scale=0.7):

@@ -18,7 +18,7 @@ import tfp_nvp
 from tfp_nvp import ActNorm, AffineCoupling, FactorOut, Invertible1x1Conv
 from tfp_nvp.bijectors._base import KerasParameterizedBijector
 from tfp_nvp.flows import glow
-from tfp_nvp.initialize import initialize
+from tfp_nvp import initialize
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 import tfp_nvp
 from tfp_nvp import ActNorm, AffineCoupling, ConditionalAffine, FactorOut
 from tfp_nvp.flows import glow
-from tfp_nvp.initialize import initialize
+from tfp_nvp import initialize
 
 SHAPE = (4, 4, 1)
 M = 3  # context size
@@ -170,7 +170,7 @@ def test_top_prior_is_a_conditional_gaussian_base(randomize):
     """On a standard normal, ConditionalAffine gives N(shift(c), exp(log_scale(c))^2) per latent entry."""
     prior = ConditionalAffine([1, 1, 2], conditional_shape=[M], hidden_units=(4,), dtype=tf.float64)
     randomize(prior, seed=13)
-    dist = tfp_nvp.flows._Flow(tfp_nvp.standard_normal([1, 1, 2], tf.float64), prior)
+    dist = tfp_nvp.flows._base._Flow(tfp_nvp.standard_normal([1, 1, 2], tf.float64), prior)
     c = _context(2, seed=14)
     shift, log_scale = (t.numpy().reshape(2, 1, 1, 2) for t in prior.network(tf.constant(c)))
     y = np.random.default_rng(15).normal(size=(2, 1, 1, 2))

@@ -16,7 +16,7 @@ import tensorflow as tf
 from tfp_nvp import AffineCoupling, flow_bijectors
 from tfp_nvp.bijectors.actnorm import ActNorm
 from tfp_nvp.flows import glow
-from tfp_nvp.initialize import initialize
+from tfp_nvp import initialize
 
 SHAPE = (4, 4, 1)
 # Log-scale -GAIN * |x_a|: past the largest float (exp(89) in float32, exp(710) in float64) for ordinary images.

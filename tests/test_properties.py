@@ -45,7 +45,7 @@ import tfp_nvp
 from conftest import flat_log_det, randomize_variables
 from tfp_nvp import (ActNorm, AffineCoupling, FactorOut, Invertible1x1Conv, LeakyReLU, OnChannels, SplineCoupling,
                      Squeeze)
-from tfp_nvp.initialize import initialize
+from tfp_nvp import initialize
 from tfp_nvp.networks import ConvResNet, DenseNetwork
 
 tfb, tfd = tfp.bijectors, tfp.distributions

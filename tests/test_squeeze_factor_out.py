@@ -13,7 +13,7 @@ from tfp_nvp.bijectors.actnorm import ActNorm
 from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
 from tfp_nvp.bijectors.factor_out import FactorOut, OnChannels
 from tfp_nvp.bijectors.squeeze import Squeeze
-from tfp_nvp.initialize import initialize
+from tfp_nvp import initialize
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 

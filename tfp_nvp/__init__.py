@@ -5,7 +5,7 @@ import os as _os
 # Keras 3 must run on TensorFlow: TFP bijectors call TF ops on the networks' outputs.
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from tfp_nvp import data, images, networks  # noqa: E402
+from tfp_nvp import data, images, networks, nn  # noqa: E402
 from tfp_nvp.bijectors import (  # noqa: E402
     ActNorm,
     AffineCoupling,
@@ -21,17 +21,30 @@ from tfp_nvp.bijectors import (  # noqa: E402
     SplineCoupling,
     Squeeze,
 )
-from tfp_nvp.flows import conditional_kwargs, flow_bijectors, glow, real_nvp, spline_flow, standard_normal  # noqa: E402
-from tfp_nvp.autoregressive import iaf, maf  # noqa: E402
-from tfp_nvp.ffjord import ffjord  # noqa: E402
-from tfp_nvp.keras import FlowModel, flow_layers  # noqa: E402
-from tfp_nvp.schedules import WarmupCosineDecay  # noqa: E402
-from tfp_nvp.optimizers import FusedAdam  # noqa: E402
-from tfp_nvp.layers import FlowLayer, NegativeLogLikelihood  # noqa: E402
-from tfp_nvp.conditioned import ConditionedFlow, condition  # noqa: E402
-from tfp_nvp.initialize import initialize  # noqa: E402  (rebinds the submodule name to the function)
-from tfp_nvp.export import export_flow  # noqa: E402
-from tfp_nvp.vi import neutra_initial_state, neutra_kernel, neutra_trace_fn, surrogate_posterior  # noqa: E402
+from tfp_nvp.flows import (  # noqa: E402
+    ConditionedFlow,
+    condition,
+    conditional_kwargs,
+    ffjord,
+    flow_bijectors,
+    flow_layers,
+    glow,
+    iaf,
+    maf,
+    real_nvp,
+    spline_flow,
+    standard_normal,
+)
+from tfp_nvp.inference import neutra_initial_state, neutra_kernel, neutra_trace_fn, surrogate_posterior  # noqa: E402
+from tfp_nvp.models import (  # noqa: E402
+    FlowLayer,
+    FlowModel,
+    FusedAdam,
+    NegativeLogLikelihood,
+    WarmupCosineDecay,
+    export_flow,
+    initialize,
+)
 
 __version__ = "0.1.0"
 

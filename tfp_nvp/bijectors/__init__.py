@@ -7,6 +7,7 @@ from tfp_nvp.bijectors.conditional_affine import ConditionalAffine
 from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
 from tfp_nvp.bijectors.coupling import AffineCoupling
 from tfp_nvp.bijectors.factor_out import FactorOut, OnChannels
+from tfp_nvp.bijectors.ffjord import FFJORDFlow
 from tfp_nvp.bijectors.invertible_chain import InvertibleChain
 from tfp_nvp.bijectors.leaky_relu import LeakyReLU
 from tfp_nvp.bijectors.logit import LogitTransform
@@ -17,6 +18,7 @@ __all__ = [
     "ActNorm",
     "AffineCoupling",
     "ConditionalAffine",
+    "FFJORDFlow",
     "FactorOut",
     "InverseAutoregressive",
     "Invertible1x1Conv",

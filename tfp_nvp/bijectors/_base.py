@@ -10,7 +10,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
-from tensorflow_probability.python.internal import cache_util  # the cache TFP bijectors use, to subclass it
+
+from tfp_nvp import nn
+from tfp_nvp._compat import BijectorCache, BijectorCacheWithGreedyAttrs
 
 __all__ = ["KerasParameterizedBijector", "NetworkContract", "ParameterLayer", "as_float_dtype", "as_shape",
            "assert_finite", "check_dtype", "check_event"]
@@ -139,13 +141,12 @@ class NetworkContract:
 
     def size(self, network):
         """Gives an unsized tfp_nvp network its output width; returns any callable unchanged."""
-        from tfp_nvp import networks  # local: the bijectors stay importable without the network zoo
 
         first, second = self.output_widths
         width = first if first == second else (first, second)
-        if isinstance(network, networks.DenseNetwork) and network.output_units is None:
+        if isinstance(network, nn.DenseNetwork) and network.output_units is None:
             network.output_units = width
-        elif isinstance(network, networks.ConvResNet) and network.output_channels is None:
+        elif isinstance(network, nn.ConvResNet) and network.output_channels is None:
             network.output_channels = width
         if not callable(network):
             raise ValueError(f"`network` must be a Keras layer/model or a callable; got {type(network).__name__}.")
@@ -268,7 +269,7 @@ def _drop_eager_entries(storage) -> None:
             storage.pop(key, None)
 
 
-class _TracedOnlyCache(cache_util.BijectorCache):
+class _TracedOnlyCache(BijectorCache):
     """TFP's bijector cache, consulted only where `reuse_allowed()`: while tracing, or within one eager call."""
 
     def _note_eager_use(self):
@@ -288,7 +289,7 @@ class _TracedOnlyCache(cache_util.BijectorCache):
         return super()._attributes(input, fn_name, **kwargs)
 
 
-class _TracedOnlyGreedyCache(_TracedOnlyCache, cache_util.BijectorCacheWithGreedyAttrs):
+class _TracedOnlyGreedyCache(_TracedOnlyCache, BijectorCacheWithGreedyAttrs):
     """The same, for bijectors whose `_augmented_forward`/`_augmented_inverse` return the log-det with the output."""
 
 
@@ -310,7 +311,7 @@ def cache_in_traces_only(bijector) -> None:
     for b in (bijector, *bijector.submodules):
         if isinstance(b, tfb.Bijector) and not isinstance(b, KerasParameterizedBijector):
             current = b._cache
-            cls = (_TracedOnlyGreedyCache if isinstance(current, cache_util.BijectorCacheWithGreedyAttrs)
+            cls = (_TracedOnlyGreedyCache if isinstance(current, BijectorCacheWithGreedyAttrs)
                    else _TracedOnlyCache)
             if type(current) is not cls:
                 b._cache = cls(forward_name=current._forward_name, inverse_name=current._inverse_name,

@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import keras
 import tensorflow as tf
 
+from tfp_nvp.nn.made import MADE
 from tfp_nvp.bijectors._base import (
     KerasParameterizedBijector,
     NetworkContract,
@@ -145,7 +146,6 @@ class MaskedAutoregressive(KerasParameterizedBijector):
             )
 
     def _make_network(self, p, dtype, name):
-        from tfp_nvp.made import MADE  # local import keeps bijectors importable without the network zoo
 
         network = p["network"]
         conditional_size = None if self._conditional_shape is None else self._conditional_shape[0]

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfp_nvp import nn
 from tfp_nvp.bijectors._base import KerasParameterizedBijector, NetworkContract, as_float_dtype, as_shape
 from tfp_nvp.bijectors._conditioning import broadcast_condition, missing_condition
 
@@ -32,7 +33,7 @@ class ConditionalAffine(KerasParameterizedBijector):
       event_shape: the shape the map acts on (`[D]` or `[H, W, C]`).
       conditional_shape: `[m]`, the context vector's shape.
       network: maps `[N, m]` to `(shift, log_scale)` each `[N, prod(event_shape)]`, or to one tensor holding
-        both (shift first). Default: a `tfp_nvp.networks.DenseNetwork(hidden_units)` (a zero-initialised dense
+        both (shift first). Default: a `tfp_nvp.nn.DenseNetwork(hidden_units)` (a zero-initialised dense
         layer when `hidden_units` is empty), whose zero-initialised head makes a fresh map the identity.
       hidden_units: hidden widths of the default network; `()` gives a linear map of the context (enough for
         one-hot labels: one mean and scale per class, GLOW's choice).
@@ -83,12 +84,11 @@ class ConditionalAffine(KerasParameterizedBijector):
             )
 
     def _setup_network(self, network, hidden_units, size, dtype, name):
-        from tfp_nvp import networks  # local: the bijectors stay importable without the network zoo
 
         if network is None:
             hidden = (hidden_units,) if isinstance(hidden_units, int) else tuple(hidden_units or ())
             if hidden:
-                network = networks.DenseNetwork(hidden, output_units=None, dtype=dtype.name, name=f"{name}_network")
+                network = nn.DenseNetwork(hidden, output_units=None, dtype=dtype.name, name=f"{name}_network")
             else:
                 network = keras.layers.Dense(2 * size, kernel_initializer="zeros", dtype=dtype.name,
                                              name=f"{name}_network")

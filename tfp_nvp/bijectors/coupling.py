@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfp_nvp import nn
 from tfp_nvp.bijectors._base import (
     KerasParameterizedBijector,
     NetworkContract,
@@ -180,16 +181,15 @@ class _Coupling(KerasParameterizedBijector):
             self._param_shape = tuple(event_shape)
 
     def _setup_network(self, network, hidden_units, dtype, name):
-        from tfp_nvp import networks  # local import keeps bijectors importable without the network zoo
 
         # The default networks are left unsized: the contract gives them the widths this transformer needs.
         if network is None:
             if len(self._event_shape_) == 1:
-                network = networks.DenseNetwork(hidden_units, output_units=None, dtype=dtype.name,
+                network = nn.DenseNetwork(hidden_units, output_units=None, dtype=dtype.name,
                                                 name=f"{name.rstrip('/')}_network")
             else:
                 width = hidden_units if isinstance(hidden_units, int) else max(hidden_units)
-                network = networks.ConvResNet(hidden_channels=width, output_channels=None, dtype=dtype.name,
+                network = nn.ConvResNet(hidden_channels=width, output_channels=None, dtype=dtype.name,
                                               name=f"{name.rstrip('/')}_network")
         return self._contract.size(network)
 

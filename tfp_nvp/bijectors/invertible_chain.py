@@ -7,10 +7,9 @@ from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.eager import record as _record  # the switch TF's own tf.recompute_grad uses
 from tensorflow_probability import bijectors as tfb
-from tensorflow_probability.python.bijectors.chain import _Chain
 
+from tfp_nvp._compat import Chain, is_injective, stop_recording
 from tfp_nvp.bijectors._base import keep_for_call, reuse_allowed, same_graph
 from tfp_nvp.bijectors.actnorm import initialization_settled
 from tfp_nvp.bijectors.factor_out import OnChannels
@@ -21,7 +20,7 @@ __all__ = ["InvertibleChain"]
 _MEMO_SIZE = 4
 
 
-class InvertibleChain(_Chain):
+class InvertibleChain(Chain):
     r"""`tfb.Chain` with invertible backpropagation in the density direction (`inverse` and its log-det).
 
     Drop-in for `tfb.Chain(bijectors)`: the same list, applied last-first in `forward` (latent -> data) and
@@ -60,7 +59,7 @@ class InvertibleChain(_Chain):
     """
 
     # The memo holds tensors of past calls, not state: tf.Module's variable walk and checkpoints skip it.
-    _TF_MODULE_IGNORED_PROPERTIES = _Chain._TF_MODULE_IGNORED_PROPERTIES.union(("_memo",))
+    _TF_MODULE_IGNORED_PROPERTIES = Chain._TF_MODULE_IGNORED_PROPERTIES.union(("_memo",))
 
     def __init__(self, bijectors: Sequence[tfb.Bijector] | None = None, validate_args: bool = False,
                  validate_event_size: bool = False, name: str | None = None):
@@ -74,7 +73,7 @@ class InvertibleChain(_Chain):
                     f"InvertibleChain takes single-tensor bijectors; {step.name!r} acts on a structure of tensors "
                     "(use tfb.Chain for it)."
                 )
-            if not step._is_injective:  # noqa: SLF001 - TFP exposes injectivity only privately
+            if not is_injective(step):
                 raise ValueError(f"InvertibleChain needs injective bijectors; {step.name!r} is not.")
         self._memo = []
         super().__init__(bijectors=bijectors, validate_args=validate_args, validate_event_size=validate_event_size,
@@ -150,7 +149,7 @@ class InvertibleChain(_Chain):
         @tf.custom_gradient
         def run(y, *leaf_tensors):
             call_kwargs = rebuild_kwargs(leaf_tensors)
-            with _record.stop_recording():
+            with stop_recording():
                 x, total, e = y, None, event_ndims
                 for step in steps:
                     kw = call_kwargs.get(step.name, {})
@@ -181,7 +180,7 @@ class InvertibleChain(_Chain):
                         if given_input is not None:
                             step_input = tf.identity(given_input)  # the real input: no reconstruction error
                         else:
-                            with _record.stop_recording():
+                            with stop_recording():
                                 step_input = tf.identity(step.forward(output, **kw))
                     # The density pass above already ran any ActNorm initialisation; re-running its test here
                     # would put a synchronisation point inside the gradient under a distribution strategy.

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
 
-from tfp_nvp._xla import in_xla_context
+from tfp_nvp._compat import in_xla_context
 from tfp_nvp.bijectors.coupling import _Coupling
 
 __all__ = ["SplineCoupling"]

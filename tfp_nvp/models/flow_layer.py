@@ -8,8 +8,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_nvp import flows
-from tfp_nvp.conditioned import ConditionedFlow, _as_context, _conditional_size, condition
-from tfp_nvp.keras import flow_layers
+from tfp_nvp.flows import flow_layers
+from tfp_nvp.flows.conditioned import ConditionedFlow, _as_context, _conditional_size, condition
 
 tfd = tfp.distributions
 
@@ -65,7 +65,7 @@ class FlowLayer(keras.layers.Layer):
                 f"{hidden[:5]}{'...' if len(hidden) > 5 else ''}. Keep every parameter in a Keras 3 layer."
             )
         self._event_shape = tuple(flow.event_shape.as_list())
-        self._context_size = _conditional_size(flow) if flows._is_conditional(flow) else None
+        self._context_size = _conditional_size(flow) if flows.is_conditional(flow) else None
         self.built = True
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_nvp import flows
+from tfp_nvp import flows, images
 from tfp_nvp.bijectors.actnorm import ActNorm
 
 tfb, tfd = tfp.bijectors, tfp.distributions
@@ -56,7 +56,6 @@ def initialize(flow_or_model, x, conditional_input=None) -> int:
     levels = getattr(model, "levels", None)
     if levels is not None and x.dtype.is_integer:
         # Integer images of a `levels` model: initialise from what training feeds the flow, dequantized data.
-        from tfp_nvp import images
 
         x = images.dequantize(x, levels, dtype=dtypes[0] if dtypes else tf.float32)
     elif x.dtype.is_integer or x.dtype.is_bool:

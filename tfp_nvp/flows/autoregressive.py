@@ -8,7 +8,7 @@ import tensorflow_probability as tfp
 
 from tfp_nvp.bijectors._base import as_shape
 from tfp_nvp.bijectors.autoregressive import MaskedAutoregressive
-from tfp_nvp.flows import BUILDERS, _chain_type, _check_base, _flag, _Flow, _positive, _remember
+from tfp_nvp.flows._base import _chain_type, _check_base, _flag, _Flow, _positive, _remember
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -121,6 +121,3 @@ def iaf(
                                 conditional_shape, base_distribution, dtype, seed, validate_args, name,
                                 invertible_backprop)
 
-
-# FlowModel rebuilds `.keras` files through this registry; registering here keeps flows.py free of a cycle.
-BUILDERS.update(maf=maf, iaf=iaf)

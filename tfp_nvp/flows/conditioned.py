@@ -10,9 +10,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
-from tensorflow_probability.python.internal import parameter_properties
-
-from tfp_nvp import flows
+from tfp_nvp._compat import set_distribution_kwargs_split
+from tfp_nvp.flows._base import _Flow
+from tfp_nvp.flows.routing import conditional_kwargs, flow_bijectors
 
 tfd = tfp.distributions
 
@@ -22,7 +22,7 @@ __all__ = ["ConditionedFlow", "condition"]
 def _conditional_size(flow) -> int:
     """The context width `m` every conditional bijector of `flow` expects (they must agree)."""
     sizes = set()
-    for bijector in flows.flow_bijectors(flow):
+    for bijector in flow_bijectors(flow):
         shape = getattr(bijector, "_conditional_shape", None)
         if shape is not None:
             sizes.add(tuple(int(d) for d in shape))
@@ -53,7 +53,7 @@ def _as_context(context, dtype, size: int, owner: str):
     return c
 
 
-class ConditionedFlow(flows._Flow):
+class ConditionedFlow(_Flow):
     """`p(y | context)`: a conditional flow whose context is fixed, with batch shape `context.shape[:-1]`.
 
     Built by `tfp_nvp.condition`. `sample(n)` has shape `[n, *batch_shape, *event_shape]`, one draw per
@@ -82,22 +82,22 @@ class ConditionedFlow(flows._Flow):
                                       else context.shape[:-1])
         super().__init__(base, flow.bijector, support=flow._support, validate_args=validate_args, name=name)
         self._parameters = self._no_dependency(parameters)
-        bound = flows.conditional_kwargs(flow, context)
+        bound = conditional_kwargs(flow, context)
 
         def split(kwargs):
             kwargs = dict(kwargs)
             if kwargs.pop("bijector_kwargs", None):
                 raise ValueError(f"{name} has its context bound already; call it without `bijector_kwargs`.")
-            now = bound if self._context_variable is None else flows.conditional_kwargs(flow, self.context)
+            now = bound if self._context_variable is None else conditional_kwargs(flow, self.context)
             return kwargs.pop("distribution_kwargs", {}), now
 
-        self._kwargs_split_fn = split
+        set_distribution_kwargs_split(self, split)
 
     @classmethod
     def _parameter_properties(cls, dtype, num_classes=None):
         # Only the context is batched; the flow is shared by every batch member.
-        return dict(context=parameter_properties.ParameterProperties(
-            event_ndims=1, default_constraining_bijector_fn=parameter_properties.BIJECTOR_NOT_IMPLEMENTED))
+        # A context is any real vector, so the default (identity) constraining bijector is the right one.
+        return dict(context=tfp.util.ParameterProperties(event_ndims=1))
 
     @property
     def flow(self):

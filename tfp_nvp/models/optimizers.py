@@ -15,6 +15,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tfp_nvp._compat import adam_slots
+
 
 @keras.saving.register_keras_serializable(package="tfp_nvp")
 class FusedAdam(keras.optimizers.Adam):
@@ -78,10 +80,8 @@ class FusedAdam(keras.optimizers.Adam):
             return super().update_step(gradient, variable, learning_rate)
         if isinstance(gradient, tf.IndexedSlices):
             gradient = tf.convert_to_tensor(gradient)
-        index = self._get_variable_index(variable)
         # Keras variables wrap tf.Variables (per replica under a strategy, where `.handle` is this replica's).
-        m, v = (slot.value if isinstance(slot, keras.Variable) else slot
-                for slot in (self._momentums[index], self._velocities[index]))
+        m, v = (slot.value if isinstance(slot, keras.Variable) else slot for slot in adam_slots(self, variable))
         variable = variable.value if isinstance(variable, keras.Variable) else variable
         tf.raw_ops.ResourceApplyAdam(var=variable.handle, m=m.handle, v=v.handle,
                                      grad=tf.cast(gradient, variable.dtype),

@@ -12,8 +12,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_nvp import flows, images
+from tfp_nvp.flows import flow_layers
 from tfp_nvp.bijectors.actnorm import ActNorm
-from tfp_nvp.keras import flow_layers
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 

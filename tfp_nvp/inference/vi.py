@@ -9,25 +9,22 @@ runs NUTS or HMC on the flow's base space and returns states in the model's stru
 from __future__ import annotations
 
 import collections.abc
-import importlib
 import inspect
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
-# What `tfd.TransformedDistribution(...)` returns for bijectors that are not CompositeTensors (ours are not);
-# see tfp_nvp/flows.py.
-from tensorflow_probability.python.distributions.transformed_distribution import _TransformedDistribution
 
+from tfp_nvp._compat import TransformedDistribution, flat_part_names
 from tfp_nvp.bijectors._base import cache_in_traces_only, one_call
+from tfp_nvp.flows import BUILDERS
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 _Pinned = tfp.experimental.distributions.JointDistributionPinned
 
 __all__ = ["surrogate_posterior", "neutra_kernel", "neutra_initial_state", "neutra_trace_fn", "FLOW_NAMES"]
 
-# Builder names `surrogate_posterior` accepts, mapped to the attribute of `tfp_nvp` that holds the builder. They
-# are looked up when called, so a builder added to the package later is found without touching this module.
+# Builder names `surrogate_posterior` accepts, mapped to their names in `tfp_nvp.flows.BUILDERS`.
 FLOW_NAMES = {"real_nvp": "real_nvp", "maf": "maf", "iaf": "iaf", "spline": "spline_flow",
               "spline_flow": "spline_flow"}
 # Coupling flows transform one half of the vector conditioned on the other: they need two dimensions at least.
@@ -46,7 +43,7 @@ def _part_names(structure, jd=None) -> list[str]:
         return [str(k) for k in sorted(structure)]
     count = len(tf.nest.flatten(structure))
     try:  # JointDistributionSequential names its parts after the lambdas' arguments.
-        names = list(jd._flat_resolve_names())
+        names = list(flat_part_names(jd))
         if len(names) == count:
             return names
     except Exception:  # noqa: BLE001 - a name is a nicety for the message, never worth an error
@@ -138,11 +135,9 @@ def _outer_bijector(event_space, structure, shapes, sizes):
 
 
 def _builder_by_name(name: str):
-    package = importlib.import_module("tfp_nvp")
-    available = {k: getattr(package, v) for k, v in FLOW_NAMES.items() if callable(getattr(package, v, None))}
-    if name not in available:
-        raise ValueError(f"`flow` names an unknown flow builder {name!r}; available: {sorted(available)}.")
-    return FLOW_NAMES[name], available[name]
+    if name not in FLOW_NAMES:
+        raise ValueError(f"`flow` names an unknown flow builder {name!r}; available: {sorted(FLOW_NAMES)}.")
+    return FLOW_NAMES[name], BUILDERS[FLOW_NAMES[name]]
 
 
 def _call_builder(builder, builder_name, num_dims, dtype, seed, name, flow_kwargs):
@@ -186,7 +181,7 @@ def _check_flow(flow, num_dims, dtype):
     return flow
 
 
-class _FlowSurrogate(_TransformedDistribution):
+class _FlowSurrogate(TransformedDistribution):
     """A flow's base distribution pushed through `transport` = model structure ∘ flow bijector."""
 
     def __init__(self, flow, outer, num_latent_dims, validate_args=False, name=None):
@@ -201,7 +196,7 @@ class _FlowSurrogate(_TransformedDistribution):
     @classmethod
     def _parameter_properties(cls, dtype, num_classes=None):
         # The flow and the plumbing are fixed parts of the architecture: batchable parameters are the parent's.
-        return _TransformedDistribution._parameter_properties(dtype, num_classes=num_classes)
+        return TransformedDistribution._parameter_properties(dtype, num_classes=num_classes)
 
     # Eagerly as in a trace, a scoring call's bijector results are shared within it and dropped after it.
     def _log_prob(self, x, **kwargs):

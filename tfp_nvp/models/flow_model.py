@@ -9,42 +9,29 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-try:  # Keras' callbacks read a metric's direction only inside its own metric containers.
-    from keras.src.trainers.compile_utils import MetricsList as _KerasMetricsList
+from tfp_nvp import flows, images
+from tfp_nvp._compat import MetricsList, keras_global_seed, mark_lower_is_better
+from tfp_nvp.flows import flow_layers
+from tfp_nvp.models.export import export_flow
+from tfp_nvp.models.optimizers import FusedAdam
+from tfp_nvp.models.schedules import SizeScheduleToFit, WarmupCosineDecay
 
-    class _MetricsList(_KerasMetricsList):
+if MetricsList is not None:  # Keras' callbacks read a metric's direction only inside its own metric containers.
+    class _MetricsList(MetricsList):
         """The container Keras' callbacks look into, usable at the top level of `model.metrics`."""
 
         def result(self):
             return self.get_result()
-
-except ImportError:  # pragma: no cover - a Keras without it: callbacks then need mode="min"
+else:  # pragma: no cover - callbacks then need mode="min"
     _MetricsList = None
-
-from tfp_nvp import flows, images
-from tfp_nvp.optimizers import FusedAdam
-from tfp_nvp.schedules import SizeScheduleToFit, WarmupCosineDecay
-from tfp_nvp.bijectors._base import KerasParameterizedBijector
 
 tfd = tfp.distributions
 
-__all__ = ["FlowModel", "flow_layers"]
+__all__ = ["FlowModel"]
 
 # `fit`'s batch size for array inputs when none is given. A step of a small flow costs about the same for 32
 # or 256 examples (per-op overhead dominates on CPU), and 256 gives far less noisy likelihood gradients.
 DEFAULT_BATCH_SIZE = 256
-
-
-def flow_layers(distribution) -> list:
-    """The Keras layers holding the parameters of every tfp_nvp bijector inside `distribution`."""
-    found, seen = [], set()
-    for bij in flows.flow_bijectors(distribution):
-        if isinstance(bij, KerasParameterizedBijector):
-            for layer in bij.keras_layers:
-                if id(layer) not in seen:
-                    seen.add(id(layer))
-                    found.append(layer)
-    return found
 
 
 def _is_array_input(x) -> bool:
@@ -166,7 +153,7 @@ class FlowModel(keras.Model):
             self.bits_per_dim_tracker = keras.metrics.Mean(name="bits_per_dim")
             trackers.append(self.bits_per_dim_tracker)
         for tracker in trackers:
-            tracker._direction = "down"  # lets EarlyStopping("val_nll") etc. work without mode="min"
+            mark_lower_is_better(tracker)  # EarlyStopping("val_nll") etc. then work without mode="min"
         self._flow_metrics = _MetricsList(trackers, name="flow_metrics") if _MetricsList else trackers
         self.built = True
 
@@ -247,7 +234,7 @@ class FlowModel(keras.Model):
         return x
 
     def _check_condition(self, conditional_input):
-        if conditional_input is None and flows._is_conditional(self._distribution):
+        if conditional_input is None and flows.is_conditional(self._distribution):
             raise ValueError(
                 "`conditional_input` is required: this FlowModel's flow is conditional. Pass "
                 "log_prob(x, conditional_input=c) / sample(n, conditional_input=c), or dict inputs "
@@ -393,11 +380,7 @@ class FlowModel(keras.Model):
             # fit(initial_epoch=k)) sees the batches the uninterrupted run saw, and repeated fit calls see new
             # orders. The seed: `shuffle_seed`, else keras.utils.set_random_seed's, else fresh entropy.
             if shuffle_seed is None:
-                try:  # Keras exports only the setter of the seed it records
-                    from keras.src.utils.rng_utils import get_random_seed
-                    shuffle_seed = get_random_seed()
-                except ImportError:  # pragma: no cover
-                    pass
+                shuffle_seed = keras_global_seed()
             if shuffle_seed is None:
                 shuffle_seed = int(np.random.SeedSequence().generate_state(1)[0])
             if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)):
@@ -584,6 +567,5 @@ class FlowModel(keras.Model):
         """
         if format != "tf_saved_model":
             raise ValueError(f"`format` must be 'tf_saved_model' for a FlowModel; got format={format!r}.")
-        from tfp_nvp.export import export_flow  # local: the export module imports this one
 
         return export_flow(self, filepath, input_signature=input_signature, verbose=verbose, **kwargs)
