@@ -8,7 +8,8 @@ import tensorflow_probability as tfp
 
 from tfp_nvp.bijectors._base import as_shape
 from tfp_nvp.bijectors.autoregressive import MaskedAutoregressive
-from tfp_nvp.flows._base import _chain_type, _check_base, _flag, _Flow, _positive, _remember
+from tfp_nvp.flows._assembly import assemble
+from tfp_nvp.flows._base import _flag, _positive
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -33,7 +34,6 @@ def _autoregressive_flow(builder, direction, event_shape, num_layers, hidden_uni
         dtype=dtype, seed=seed, validate_args=bool(validate_args), name=name,
         invertible_backprop=_flag(invertible_backprop, "invertible_backprop"),
     )
-    base = _check_base(base_distribution, event_shape, dtype)
     steps = []
     for i in range(num_layers):
         if i > 0:
@@ -46,12 +46,8 @@ def _autoregressive_flow(builder, direction, event_shape, num_layers, hidden_uni
             seed=None if seed is None else int(seed) + 1000 * i, validate_args=validate_args,
             name=f"{name}_{direction}_{i}",
         ))
-    # tfb.Chain applies its list right to left: sampling runs layer 0 first, the density pass runs it last.
-    chain = _chain_type(invertible_backprop)(list(reversed(steps)), validate_args=validate_args, name=name)
-    dist = _Flow(base, chain, validate_args=validate_args, name=name)
-    if base_distribution is not None:
-        config["base_distribution"] = "custom"
-    return _remember(dist, builder, config)
+    return assemble(builder, config, steps, event_shape, base_distribution, dtype=dtype,
+                    validate_args=validate_args, name=name, invertible_backprop=invertible_backprop)
 
 
 def maf(

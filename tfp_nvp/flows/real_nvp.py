@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_nvp.bijectors._base import as_shape
-from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
 from tfp_nvp.bijectors.coupling import AffineCoupling
-from tfp_nvp.bijectors.leaky_relu import LeakyReLU
-from tfp_nvp.flows._base import _chain_type, _check_base, _flag, _Flow, _remember
-from tfp_nvp.nn import ConvResNet, DenseNetwork
+from tfp_nvp.flows._assembly import assemble, check_leaky_relu, check_mixing, coupling_layers
+from tfp_nvp.flows._base import _flag, _positive
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -79,59 +75,30 @@ def real_nvp(
         num_coupling_layers = REAL_NVP_VECTOR_DEFAULTS["num_coupling_layers"] if vector else 8
     if hidden_units is None:
         hidden_units = REAL_NVP_VECTOR_DEFAULTS["hidden_units"] if vector else (128,)
-    if isinstance(num_coupling_layers, bool) or int(num_coupling_layers) != num_coupling_layers \
-            or num_coupling_layers <= 0:
-        raise ValueError(f"`num_coupling_layers` must be a positive integer; got {num_coupling_layers!r}.")
+    num_layers = _positive(num_coupling_layers, "num_coupling_layers")
     hidden = (hidden_units,) if isinstance(hidden_units, int) else tuple(hidden_units)
+    check_mixing(mixing)
     config = dict(
-        event_shape=list(event_shape), num_coupling_layers=int(num_coupling_layers), hidden_units=list(hidden),
+        event_shape=list(event_shape), num_coupling_layers=num_layers, hidden_units=list(hidden),
         mask=mask, log_scale_bound=log_scale_bound, separate_towers=separate_towers, activation=activation,
         l2=l2, num_blocks=num_blocks, mixing=mixing,
         conditional_shape=None if conditional_shape is None else list(conditional_shape),
         dtype=dtype, seed=seed, validate_args=bool(validate_args), name=name,
         invertible_backprop=_flag(invertible_backprop, "invertible_backprop"),
     )
-    if mixing not in (None, "conv1x1"):
-        raise ValueError(f"`mixing` must be None or 'conv1x1'; got {mixing!r}.")
+    leaky_relu = check_leaky_relu(leaky_relu)
     if leaky_relu is not None:
-        if isinstance(leaky_relu, str):
-            if leaky_relu != "learnable":
-                raise ValueError(f"`leaky_relu` must be None, a slope > 0 or 'learnable'; got {leaky_relu!r}.")
-        elif isinstance(leaky_relu, bool) or not isinstance(leaky_relu, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(leaky_relu) or leaky_relu <= 0:
-            raise ValueError(f"`leaky_relu` must be None, a slope > 0 or 'learnable'; got {leaky_relu!r}.")
         # Recorded only when used, so the configuration of a flow without it stays what it always was.
-        config["leaky_relu"] = leaky_relu if isinstance(leaky_relu, str) else float(leaky_relu)
-    image = len(event_shape) == 3
-    mask = mask or ("checkerboard" if image else "half")
-    base = _check_base(base_distribution, event_shape, dtype)
-    couplings = []
-    for i in range(int(num_coupling_layers)):
-        layer_seed = None if seed is None else int(seed) + 1000 * i
-        if image:
-            net = ConvResNet(hidden_channels=max(hidden), num_blocks=num_blocks, l2=l2, seed=layer_seed,
-                             dtype=dtype, name=f"{name}_net_{i}")
-        else:
-            net = DenseNetwork(hidden, activation=activation, separate_towers=separate_towers, l2=l2,
-                               seed=layer_seed, dtype=dtype, name=f"{name}_net_{i}")
-        if leaky_relu is not None and i > 0:
-            learnable = leaky_relu == "learnable"
-            couplings.append(LeakyReLU(1.0 if learnable else float(leaky_relu), learnable=learnable,
-                                       shape=tuple(event_shape) if learnable else (), dtype=dtype,
-                                       validate_args=validate_args, name=f"{name}_leaky_relu_{i}"))
-        if mixing == "conv1x1" and i > 0:
-            couplings.append(Invertible1x1Conv(event_shape, seed=None if seed is None else int(seed) + 1000 * i + 1,
-                                               dtype=dtype, validate_args=validate_args, name=f"{name}_mixing_{i}"))
-        couplings.append(
-            AffineCoupling(event_shape, network=net, mask=mask, flip=i % 2 == 1, log_scale_bound=log_scale_bound,
-                           conditional_shape=conditional_shape, dtype=dtype, validate_args=validate_args,
-                           name=f"{name}_coupling_{i}")
-        )
-    # tfb.Chain's forward applies its list right to left, so sampling runs coupling_0 first and the density
-    # (inverse) pass runs it last.
-    chain_type = _chain_type(invertible_backprop)
-    chain = chain_type(list(reversed(couplings)), validate_args=validate_args, name=name)
-    dist = _Flow(base, chain, validate_args=validate_args, name=name)
-    if base_distribution is not None:
-        config["base_distribution"] = "custom"
-    return _remember(dist, "real_nvp", config)
+        config["leaky_relu"] = leaky_relu
+    mask = mask or ("checkerboard" if not vector else "half")
+
+    def make_coupling(i, network, flip):
+        return AffineCoupling(event_shape, network=network, mask=mask, flip=flip, log_scale_bound=log_scale_bound,
+                              conditional_shape=conditional_shape, dtype=dtype, validate_args=validate_args,
+                              name=f"{name}_coupling_{i}")
+
+    layers = coupling_layers(event_shape, num_layers, make_coupling, hidden, mixing=mixing, leaky_relu=leaky_relu,
+                             seed=seed, dtype=dtype, validate_args=validate_args, name=name, activation=activation,
+                             separate_towers=separate_towers, l2=l2, num_blocks=num_blocks)
+    return assemble("real_nvp", config, layers, event_shape, base_distribution, dtype=dtype,
+                    validate_args=validate_args, name=name, invertible_backprop=invertible_backprop)

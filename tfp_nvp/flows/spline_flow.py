@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_nvp.bijectors._base import as_shape
-from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
 from tfp_nvp.bijectors.spline import SplineCoupling
-from tfp_nvp.flows._base import _chain_type, _check_base, _flag, _Flow, _positive, _remember
-from tfp_nvp.nn import ConvResNet, DenseNetwork
+from tfp_nvp.flows._assembly import assemble, check_mixing, coupling_layers
+from tfp_nvp.flows._base import _flag, _positive
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -61,6 +58,7 @@ def spline_flow(
     event_shape = as_shape(event_shape, "event_shape", rank=(1, 3))
     num_layers = _positive(num_coupling_layers, "num_coupling_layers")
     hidden = (hidden_units,) if isinstance(hidden_units, int) else tuple(hidden_units)
+    check_mixing(mixing)
     config = dict(
         event_shape=list(event_shape), num_coupling_layers=num_layers, hidden_units=list(hidden),
         num_bins=num_bins, bound=bound, mask=mask, min_bin_width=min_bin_width, min_slope=min_slope,
@@ -69,32 +67,15 @@ def spline_flow(
         dtype=dtype, seed=seed, validate_args=bool(validate_args), name=name,
         invertible_backprop=_flag(invertible_backprop, "invertible_backprop"),
     )
-    if mixing not in (None, "conv1x1"):
-        raise ValueError(f"`mixing` must be None or 'conv1x1'; got {mixing!r}.")
-    image = len(event_shape) == 3
-    mask = mask or ("checkerboard" if image else "half")
-    base = _check_base(base_distribution, event_shape, dtype)
-    couplings = []
-    for i in range(num_layers):
-        layer_seed = None if seed is None else int(seed) + 1000 * i
-        if image:
-            net = ConvResNet(hidden_channels=max(hidden), num_blocks=num_blocks, l2=l2, seed=layer_seed,
-                             dtype=dtype, name=f"{name}_net_{i}")
-        else:
-            net = DenseNetwork(hidden, activation=activation, separate_towers=separate_towers, l2=l2,
-                               seed=layer_seed, dtype=dtype, name=f"{name}_net_{i}")
-        if mixing == "conv1x1" and i > 0:
-            couplings.append(Invertible1x1Conv(event_shape, seed=None if seed is None else int(seed) + 1000 * i + 1,
-                                               dtype=dtype, validate_args=validate_args, name=f"{name}_mixing_{i}"))
-        couplings.append(
-            SplineCoupling(event_shape, network=net, mask=mask, flip=i % 2 == 1, num_bins=num_bins, bound=bound,
-                           min_bin_width=min_bin_width, min_slope=min_slope, conditional_shape=conditional_shape,
-                           dtype=dtype, validate_args=validate_args, name=f"{name}_coupling_{i}")
-        )
-    # As in real_nvp: sampling runs coupling_0 first, the density pass runs it last.
-    chain_type = _chain_type(invertible_backprop)
-    chain = chain_type(list(reversed(couplings)), validate_args=validate_args, name=name)
-    dist = _Flow(base, chain, validate_args=validate_args, name=name)
-    if base_distribution is not None:
-        config["base_distribution"] = "custom"
-    return _remember(dist, "spline_flow", config)
+    mask = mask or ("checkerboard" if len(event_shape) == 3 else "half")
+
+    def make_coupling(i, network, flip):
+        return SplineCoupling(event_shape, network=network, mask=mask, flip=flip, num_bins=num_bins, bound=bound,
+                              min_bin_width=min_bin_width, min_slope=min_slope, conditional_shape=conditional_shape,
+                              dtype=dtype, validate_args=validate_args, name=f"{name}_coupling_{i}")
+
+    layers = coupling_layers(event_shape, num_layers, make_coupling, hidden, mixing=mixing, seed=seed, dtype=dtype,
+                             validate_args=validate_args, name=name, activation=activation,
+                             separate_towers=separate_towers, l2=l2, num_blocks=num_blocks)
+    return assemble("spline_flow", config, layers, event_shape, base_distribution, dtype=dtype,
+                    validate_args=validate_args, name=name, invertible_backprop=invertible_backprop)
