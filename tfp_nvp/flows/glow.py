@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
-import numpy as np
-import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_nvp.bijectors._base import as_shape
@@ -98,6 +97,49 @@ def glow(
     num_levels = _positive(num_levels, "num_levels")
     num_steps = _positive(num_steps_per_level, "num_steps_per_level")
     hidden_channels = _positive(hidden_channels, "hidden_channels")
+    _check_levels(image_shape, num_levels, exit_fraction)
+    config = dict(
+        image_shape=list(image_shape), num_levels=num_levels, num_steps_per_level=num_steps,
+        hidden_channels=hidden_channels, num_blocks=num_blocks, exit_fraction=exit_fraction,
+        lu_decomposed=lu_decomposed, log_scale_bound=log_scale_bound, l2=l2, logit_alpha=logit_alpha,
+        dtype=dtype, seed=seed, validate_args=bool(validate_args), name=name,
+        invertible_backprop=_flag(invertible_backprop, "invertible_backprop"),
+    )
+    if coupling not in ("affine", "spline"):
+        raise ValueError(f"`coupling` must be 'affine' or 'spline'; got {coupling!r}.")
+    if coupling == "spline":
+        # Only spline flows record these, so the configuration of an affine GLOW stays what it always was.
+        config.update(coupling=coupling, num_bins=num_bins, bound=bound)
+    if conditional_shape is not None:
+        # Checked here so the message names the builder's argument, not the first coupling.
+        conditional_shape = as_shape(conditional_shape, "conditional_shape")
+        if len(conditional_shape) != 1:
+            raise ValueError(f"`conditional_shape` must be [m], the shape of a context vector; got "
+                             f"{list(conditional_shape)}.")
+        config["conditional_shape"] = list(conditional_shape)
+    if logit_alpha is not None and (isinstance(logit_alpha, bool) or not isinstance(logit_alpha, (int, float))
+                                    or not 0.0 <= logit_alpha < 0.5):
+        raise ValueError(f"`logit_alpha` must be in [0, 0.5) or None; got {logit_alpha!r}.")
+    parts = _GlowParts(num_levels=num_levels, num_steps=num_steps, hidden_channels=hidden_channels,
+                       num_blocks=num_blocks, exit_fraction=exit_fraction, lu_decomposed=lu_decomposed,
+                       log_scale_bound=log_scale_bound, l2=l2, conditional_shape=conditional_shape,
+                       coupling=coupling, num_bins=num_bins, bound=bound, dtype=dtype, seed=seed,
+                       validate_args=validate_args, name=name, chain_type=_chain_type(invertible_backprop))
+    bijector = parts.level(image_shape, 0)
+    support = None
+    if logit_alpha is not None:
+        # Parameter-free, so sharing TFP's cache between equal instances is harmless here.
+        support = LogitTransform(float(logit_alpha), dtype=dtype, validate_args=validate_args, name=f"{name}_logit")
+        bijector = parts.chain_type([support, bijector], validate_args=validate_args, name=name)
+    base = _check_base(base_distribution, image_shape, dtype)
+    dist = _Flow(base, bijector, support=support, validate_args=validate_args, name=name)
+    if base_distribution is not None:
+        config["base_distribution"] = "custom"
+    return _remember(dist, "glow", config)
+
+
+def _check_levels(image_shape, num_levels: int, exit_fraction: float) -> None:
+    """Every level must halve H and W and let a whole number of channels exit."""
     height, width, _ = image_shape
     factor = 2 ** num_levels
     if height % factor or width % factor:
@@ -118,80 +160,77 @@ def glow(
                 f"{channels} channels, so it must be one of {', '.join(valid)}; got {exit_fraction!r}."
             )
         channels = 4 * (channels - int(round(exiting)))
-    config = dict(
-        image_shape=list(image_shape), num_levels=num_levels, num_steps_per_level=num_steps,
-        hidden_channels=hidden_channels, num_blocks=num_blocks, exit_fraction=exit_fraction,
-        lu_decomposed=lu_decomposed, log_scale_bound=log_scale_bound, l2=l2, logit_alpha=logit_alpha,
-        dtype=dtype, seed=seed, validate_args=bool(validate_args), name=name,
-        invertible_backprop=_flag(invertible_backprop, "invertible_backprop"),
-    )
-    if coupling not in ("affine", "spline"):
-        raise ValueError(f"`coupling` must be 'affine' or 'spline'; got {coupling!r}.")
-    if coupling == "spline":
-        # Only spline flows record these, so the configuration of an affine GLOW stays what it always was.
-        config.update(coupling=coupling, num_bins=num_bins, bound=bound)
-    if conditional_shape is not None:
-        # Checked here so the message names the builder's argument, not the first coupling.
-        conditional_shape = as_shape(conditional_shape, "conditional_shape")
-        if len(conditional_shape) != 1:
-            raise ValueError(f"`conditional_shape` must be [m], the shape of a context vector; got "
-                             f"{list(conditional_shape)}.")
-        config["conditional_shape"] = list(conditional_shape)
-    chain_type = _chain_type(invertible_backprop)
-    if logit_alpha is not None and (isinstance(logit_alpha, bool) or not isinstance(logit_alpha, (int, float))
-                                    or not 0.0 <= logit_alpha < 0.5):
-        raise ValueError(f"`logit_alpha` must be in [0, 0.5) or None; got {logit_alpha!r}.")
-    counter = iter(range(10**6))
 
-    def next_seed():
-        return None if seed is None else int(seed) + 7919 * next(counter)
 
-    def make_coupling(inner, net, flip, coupling_name):
-        if coupling == "spline":
-            return SplineCoupling(inner, network=net, mask="channel", flip=flip, num_bins=num_bins, bound=bound,
-                                  conditional_shape=conditional_shape, dtype=dtype, validate_args=validate_args,
-                                  name=coupling_name)
-        return AffineCoupling(inner, network=net, mask="channel", flip=flip, log_scale_bound=log_scale_bound,
-                              conditional_shape=conditional_shape, dtype=dtype, validate_args=validate_args,
-                              name=coupling_name)
+@dataclasses.dataclass
+class _GlowParts:
+    """Builds GLOW's levels from the (checked) arguments of `glow`; one instance per flow."""
 
-    def level(shape, index):
+    num_levels: int
+    num_steps: int
+    hidden_channels: int
+    num_blocks: int
+    exit_fraction: float
+    lu_decomposed: bool
+    log_scale_bound: str
+    l2: float
+    conditional_shape: Sequence[int] | None
+    coupling: str
+    num_bins: int
+    bound: float
+    dtype: str
+    seed: int | None
+    validate_args: bool
+    name: str
+    chain_type: type
+    _draws: int = 0
+
+    def next_seed(self):
+        """Seeds in construction order, so a seeded GLOW always gets the same initial weights."""
+        if self.seed is None:
+            return None
+        self._draws += 1
+        return int(self.seed) + 7919 * (self._draws - 1)
+
+    def make_coupling(self, inner, net, flip, coupling_name):
+        common = dict(network=net, mask="channel", flip=flip, conditional_shape=self.conditional_shape,
+                      dtype=self.dtype, validate_args=self.validate_args, name=coupling_name)
+        if self.coupling == "spline":
+            return SplineCoupling(inner, num_bins=self.num_bins, bound=self.bound, **common)
+        return AffineCoupling(inner, log_scale_bound=self.log_scale_bound, **common)
+
+    def step(self, inner, index, step):
+        """ActNorm -> invertible 1x1 convolution -> coupling, listed data side first."""
+        prefix = f"{self.name}_l{index}_s{step}"
+        net = ConvResNet(hidden_channels=self.hidden_channels, num_blocks=self.num_blocks, l2=self.l2,
+                         seed=self.next_seed(), dtype=self.dtype, name=f"{prefix}_net")
+        return [
+            ActNorm(inner, dtype=self.dtype, validate_args=self.validate_args, name=f"{prefix}_actnorm"),
+            Invertible1x1Conv(inner, lu_decomposed=self.lu_decomposed, seed=self.next_seed(), dtype=self.dtype,
+                              validate_args=self.validate_args, name=f"{prefix}_conv1x1"),
+            self.make_coupling(inner, net, step % 2 == 1, f"{prefix}_coupling"),
+        ]
+
+    def level(self, shape, index):
+        """Level `index` on images of `shape`: squeeze, steps, then a split and the next level (or the top)."""
+        name, validate_args = self.name, self.validate_args
         squeeze = Squeeze(shape, validate_args=validate_args, name=f"{name}_l{index}_squeeze")
         h, w, c = squeeze.forward_event_shape(shape).as_list()
         inner = (h, w, c)
         # Listed data side first: tfb.Chain's inverse (the density pass) runs left to right.
         parts = [tfb.Invert(squeeze, validate_args=validate_args)]
-        for step in range(num_steps):
-            prefix = f"{name}_l{index}_s{step}"
-            net = ConvResNet(hidden_channels=hidden_channels, num_blocks=num_blocks, l2=l2, seed=next_seed(),
-                             dtype=dtype, name=f"{prefix}_net")
-            parts += [
-                ActNorm(inner, dtype=dtype, validate_args=validate_args, name=f"{prefix}_actnorm"),
-                Invertible1x1Conv(inner, lu_decomposed=lu_decomposed, seed=next_seed(), dtype=dtype,
-                                  validate_args=validate_args, name=f"{prefix}_conv1x1"),
-                make_coupling(inner, net, step % 2 == 1, f"{prefix}_coupling"),
-            ]
-        if index < num_levels - 1:
-            split = FactorOut(inner, exit_fraction=exit_fraction, conditional_shape=conditional_shape, dtype=dtype,
-                              validate_args=validate_args, name=f"{name}_l{index}_split")
+        for step in range(self.num_steps):
+            parts += self.step(inner, index, step)
+        if index < self.num_levels - 1:
+            split = FactorOut(inner, exit_fraction=self.exit_fraction, conditional_shape=self.conditional_shape,
+                              dtype=self.dtype, validate_args=validate_args, name=f"{name}_l{index}_split")
             kept = c - split.num_exit_channels
-            parts += [split, OnChannels(level((h, w, kept), index + 1), kept, inner, validate_args=validate_args,
-                                        name=f"{name}_l{index}_next")]
-        elif conditional_shape is not None:
+            parts += [split, OnChannels(self.level((h, w, kept), index + 1), kept, inner,
+                                        validate_args=validate_args, name=f"{name}_l{index}_next")]
+        elif self.conditional_shape is not None:
             # Last in the density pass of the top level: the latent it leaves is N(shift(c), scale(c)^2).
-            parts.append(ConditionalAffine(inner, conditional_shape, hidden_units=(hidden_channels,), dtype=dtype,
-                                           validate_args=validate_args, name=f"{name}_top_prior"))
+            parts.append(ConditionalAffine(inner, self.conditional_shape, hidden_units=(self.hidden_channels,),
+                                           dtype=self.dtype, validate_args=validate_args,
+                                           name=f"{name}_top_prior"))
         parts.append(squeeze)
-        return chain_type(parts, validate_args=validate_args, name=f"{name}_level_{index}")
-
-    base = _check_base(base_distribution, image_shape, dtype)
-    bijector = level(image_shape, 0)
-    support = None
-    if logit_alpha is not None:
-        # Parameter-free, so sharing TFP's cache between equal instances is harmless here.
-        support = LogitTransform(float(logit_alpha), dtype=dtype, validate_args=validate_args, name=f"{name}_logit")
-        bijector = chain_type([support, bijector], validate_args=validate_args, name=name)
-    dist = _Flow(base, bijector, support=support, validate_args=validate_args, name=name)
-    if base_distribution is not None:
-        config["base_distribution"] = "custom"
-    return _remember(dist, "glow", config)
+        return self.chain_type(parts, validate_args=validate_args, name=f"{name}_level_{index}")
