@@ -215,3 +215,47 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("-", f"property checks (hypothesis profile: {profile})")
     for line in _PROPERTY_RECORDER.summary_lines():
         terminalreporter.write_line(line)
+
+
+# ------------------------------------------------------------------------------------------ markers
+# One table, so what each marker selects is visible in one place (setup.cfg registers both markers).
+# `slow`: tests that start processes (examples, benchmarks, multi-worker jobs, fresh-process checks) or compile
+# large models; `pytest -m "not slow"` leaves them out during development. CI runs everything.
+SLOW = (
+    "test_examples.py", "test_benchmarks.py", "test_distribute.py", "test_determinism.py", "test_retracing.py",
+    "test_repo.py::test_quick_start_runs_as_written_and_trains",
+    "test_ffjord.py::test_trains_as_a_tfp_vi_surrogate",
+    "test_invertible_backprop.py::test_mirrored_fit_matches_single_device_standard_backprop",
+    "test_invertible_backprop.py::test_xla_fit_of_multiscale_glow_matches_standard_backprop",
+    "test_invertible_backprop.py::test_training_step_memory_stays_flat_in_depth_under_tf_function",
+    "test_export.py::test_serving_process_had_only_tensorflow",
+    "test_resume.py::test_backup_and_restore_resumes_to_the_uninterrupted_weights",
+    # single tests of 6-21 s (spline graphs, ODE solves, two-level GLOWs under autodiff)
+    "test_properties.py::test_spline_coupling", "test_properties.py::test_spline_flow_vector",
+    "test_ffjord.py::test_fit_moves_every_weight_and_samples",
+    "test_ffjord.py::test_log_prob_matches_autodiff_jacobian_of_the_ode_map",
+    "test_glow_conditional.py::test_spline_glow_is_exact_and_reloads_exactly",
+    "test_squeeze_factor_out.py::test_two_level_glow_is_exact",
+    "test_spline.py::test_couplings_share_one_traced_spline_and_xla_gets_it_inline",
+    "test_invertible_backprop.py::test_float32_gradients_equal_standard_backprop[xla]",
+)
+# `compat`: saving, loading, resuming, fitting, exporting, and every bijector's round trip and log-det. CI also
+# runs these in a second environment with the oldest dependency versions setup.cfg declares (.ci/run).
+COMPAT = (
+    "test_fixtures.py", "test_compat.py", "test_properties.py", "test_keras_model.py", "test_resume.py",
+    "test_export.py",
+    "test_errors.py::test_load_weights_", "test_errors.py::test_glow_reload_keeps_the_support",
+    "test_glow.py::test_keras_file_reloads_exactly_without_reinitialising",
+    "test_spline.py::test_exact_reload_from_keras_file_and_weights",
+    "test_glow_conditional.py::test_keras_file_and_weights_reload_exactly",
+    "test_autoregressive.py::test_exact_reload_keras_file_and_weights",
+    "test_layers.py::test_fit_with_the_added_loss_moves_every_weight_and_the_keras_file_reloads_exactly",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        node = item.nodeid.split("/")[-1]
+        for marker, prefixes in (("slow", SLOW), ("compat", COMPAT)):
+            if node.startswith(prefixes):
+                item.add_marker(marker)

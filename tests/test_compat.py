@@ -15,7 +15,6 @@ from tfp_nvp import _compat
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
-pytestmark = pytest.mark.compat
 
 MODULE_SYMBOLS = sorted(s for s in _compat.UPSTREAM
                         if s.startswith(("tensorflow.python.", "tensorflow_probability.python.", "keras.src.")))

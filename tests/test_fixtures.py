@@ -18,7 +18,6 @@ import tensorflow as tf
 
 import tfp_nvp
 
-pytestmark = pytest.mark.compat
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 _spec = importlib.util.spec_from_file_location("make_fixtures", os.path.join(HERE, "make_fixtures.py"))
