@@ -1,4 +1,4 @@
-"""The learning-rate schedule `FlowModel.compile()` uses by default: linear warmup, then cosine decay.
+"""The learning-rate schedule `FlowModel.compile()` uses by default: linear warmup, then Keras' cosine decay.
 
 Flows trained by maximum likelihood like a high rate early (to find the data's shape) and a small one late (to
 settle thin, sharp structure); a cosine decay over the whole run gives both without a validation split to
@@ -19,7 +19,9 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup to `peak_learning_rate`, then cosine decay to `final_fraction * peak_learning_rate`.
 
     Over a run of `T` steps, the first `warmup_fraction * T` steps rise linearly from 0 to the peak; the rest
-    follow half a cosine down to `final_fraction` of the peak, reached at the last step and held afterwards.
+    follow half a cosine down to `final_fraction` of the peak, reached at the last step and held afterwards. The
+    decay is Keras' `keras.optimizers.schedules.CosineDecay(peak, decay_steps, alpha=final_fraction)` over the
+    steps after the warmup; the warmup reaches the peak at its last step.
 
     `total_steps=None` (the default) lets `FlowModel.fit` size the schedule: each `fit` call runs one full
     warmup-and-decay cycle over its `epochs` x steps per epoch, counted from the step its epoch 0 would start
@@ -54,6 +56,12 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.final_fraction = float(final_fraction)
         self.total_steps = None if total_steps is None else int(total_steps)
         self.name = name
+        # The decay: peak to `final_fraction` of it along half a cosine, over one unit of the decay's progress
+        # (`__call__` feeds it steps since the warmup / decay length), so its constants are Python numbers that
+        # fit never needs to change. CosineDecay's own warmup starts at `initial_learning_rate` on the first step
+        # where this one starts at peak / warmup steps, so the warmup is written out in `__call__`.
+        self._cosine = keras.optimizers.schedules.CosineDecay(self.peak_learning_rate, decay_steps=1,
+                                                              alpha=self.final_fraction, name=name)
         # Variables, not Python numbers: the traced training step reads them, and fit may resize the cycle
         # after that step was traced (Keras keeps the traced step across fit calls).
         self._start = tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{name}_start")
@@ -79,16 +87,14 @@ class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         dtype = tf.float32
-        peak = tf.constant(self.peak_learning_rate, dtype)
         length = tf.cast(self._length, dtype)
         t = tf.clip_by_value(tf.cast(step, dtype) - tf.cast(self._start, dtype), 0.0, tf.maximum(length, 1.0))
         warmup = tf.floor(self.warmup_fraction * length)
-        rising = peak * (t + 1.0) / tf.maximum(warmup, 1.0)
+        rising = self.peak_learning_rate * (t + 1.0) / tf.maximum(warmup, 1.0)
+        # CosineDecay clamps the progress at 1 (`decay_steps`): the final rate is held after the cycle.
         progress = (t - warmup) / tf.maximum(length - warmup - 1.0, 1.0)
-        falling = peak * (self.final_fraction + (1.0 - self.final_fraction) * 0.5
-                          * (1.0 + tf.cos(math.pi * tf.minimum(progress, 1.0))))
-        rate = tf.where(t < warmup, rising, falling)
-        return tf.where(length > 0, rate, peak)  # not yet sized: constant peak
+        rate = tf.where(t < warmup, rising, self._cosine(progress))
+        return tf.where(length > 0, rate, tf.constant(self.peak_learning_rate, dtype))  # not yet sized: the peak
 
     def get_config(self):
         config = dict(peak_learning_rate=self.peak_learning_rate, warmup_fraction=self.warmup_fraction,
