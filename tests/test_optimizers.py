@@ -122,6 +122,41 @@ def test_update_builds_a_few_ops_per_weight():
     assert clipped <= fused + 2, (clipped, fused)
 
 
+def test_state_and_checkpoints_are_keras_adams(tmp_path):
+    # FusedAdam finds each weight's moments by watching Adam's build create them: the optimizer's variables
+    # (names, shapes, order) and its checkpoint dependencies must stay exactly Adam's, in both directions.
+    weights = [keras.Variable(w) for w in _initial("float32")]
+    fused, plain = FusedAdam(0.1), keras.optimizers.Adam(0.1)
+    for optimizer in (fused, plain):
+        optimizer.build(weights)
+    def layout(optimizer):  # paths start with the optimizer's own name
+        return [(v.path.split("/", 1)[1], tuple(v.shape), v.dtype) for v in optimizer.variables]
+
+    assert layout(fused) == layout(plain)
+    for step in range(2):
+        fused.apply([tf.constant(g) for g in _gradients(step, "float32")], weights)
+    for source, target_class in ((fused, keras.optimizers.Adam), (plain, FusedAdam)):
+        path = tf.train.Checkpoint(optimizer=source).save(str(tmp_path / type(source).__name__))
+        target = target_class(0.1)
+        target.build(weights)
+        tf.train.Checkpoint(optimizer=target).restore(path).assert_consumed()
+        for a, b in zip(source.variables, target.variables):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_each_weight_updates_its_own_moments():
+    # Two weights of the same shape: a mix-up of their moments would go unnoticed by shape checks.
+    weights = [keras.Variable(np.zeros(3, "float32")) for _ in range(2)]
+    optimizer = FusedAdam(0.1)
+    optimizer.apply([tf.constant([1.0, 2.0, 3.0]), tf.constant([-4.0, 0.0, 5.0])], weights)
+    plain = keras.optimizers.Adam(0.1)
+    reference = [keras.Variable(np.zeros(3, "float32")) for _ in range(2)]
+    plain.apply([tf.constant([1.0, 2.0, 3.0]), tf.constant([-4.0, 0.0, 5.0])], reference)
+    # Equal up to Keras' own rounding of `1 - beta_2` (see the class docstring).
+    for a, b in zip(optimizer.variables, plain.variables):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, err_msg=a.path)
+
+
 def test_flow_model_save_and_reload(tmp_path):
     x = tfp_nvp.data.two_moons(256, seed=0)
     model = tfp_nvp.FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=2, hidden_units=(8,), seed=0))

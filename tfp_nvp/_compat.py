@@ -116,14 +116,20 @@ def flat_part_names(joint_distribution) -> list[str]:
 # ------------------------------------------------------------------------------------------ Keras
 UPSTREAM["keras.src.trainers.compile_utils.MetricsList"] = (
     "the metric container Keras' callbacks look into for a metric's direction: with FlowModel's `nll` inside one, "
-    "EarlyStopping('val_nll') and ModelCheckpoint work without mode='min'. Keras reads directions only from "
-    "its own containers; a public Metric has no direction")
+    "EarlyStopping('val_nll') and ModelCheckpoint work without mode='min'. Public API tried: Keras' monitoring "
+    "callbacks (keras/src/callbacks/monitor_callback.py, 3.15) infer mode='auto' only for `loss` and for metrics "
+    "found inside a CompileMetrics or MetricsList in `model.metrics`. The public way into a CompileMetrics, "
+    "compile(metrics=[...]), works with a flow's y=None but makes `nll` one of the user's compile arguments "
+    "(merged with theirs, written to the saved compile config) and still needs the private direction below")
 try:
     from keras.src.trainers.compile_utils import MetricsList
 except ImportError:  # pragma: no cover - without it, callbacks on `nll` need mode="min"
     MetricsList = None
 
-UPSTREAM["keras.Metric._direction"] = "the direction of FlowModel's `nll` metrics: lower is better"
+UPSTREAM["keras.Metric._direction"] = (
+    "the direction of FlowModel's `nll` metrics: lower is better. It is the only thing Keras' callbacks read; no "
+    "public Metric argument sets it (Keras sets it on its own metrics, and keras.metrics.MeanMetricWrapper only "
+    "when it wraps one of Keras' built-in losses)")
 
 
 def mark_lower_is_better(metric) -> None:
@@ -133,7 +139,11 @@ def mark_lower_is_better(metric) -> None:
 
 UPSTREAM["keras.src.utils.rng_utils.get_random_seed"] = (
     "the seed `keras.utils.set_random_seed` recorded, so FlowModel.fit's shuffling follows it as Keras' own "
-    "does; Keras exports only the setter")
+    "does; Keras exports only the setter. Public API tried: keras.random.SeedGenerator() without a seed draws its "
+    "seed from Python's global `random`, which set_random_seed seeds, but each draw advances the user's random "
+    "stream and depends on every draw before it, so two fit calls after one set_random_seed got different "
+    "seeds and a run resumed in the same process (tests/test_resume.py) other batches than the uninterrupted "
+    "one; tf.compat.v1.random.get_seed reads TensorFlow's global seed but cannot tell an unset one from 87654321")
 
 
 def keras_global_seed():
@@ -145,12 +155,20 @@ def keras_global_seed():
     return get_random_seed()
 
 
-UPSTREAM["keras.optimizers.Adam._momentums"] = "FusedAdam's first-moment slots, updated by one fused op a weight"
-UPSTREAM["keras.optimizers.Adam._velocities"] = "FusedAdam's second-moment slots"
-UPSTREAM["keras.optimizers.Optimizer._get_variable_index"] = "which slot belongs to a weight (FusedAdam)"
+UPSTREAM["keras.optimizers.Optimizer._learning_rate"] = (
+    "the LearningRateSchedule object an optimizer was given, so FlowModel.fit can size a "
+    "WarmupCosineDecay(total_steps=None) passed to any Keras optimizer. Public API tried: `optimizer.learning_rate` "
+    "is the schedule's current value, and `optimizer.get_config()['learning_rate']` a serialized copy of it, "
+    "not the object fit must resize")
 
 
-def adam_slots(optimizer, variable):
-    """The `(first moment, second moment)` slot variables a built Keras Adam keeps for `variable`."""
-    index = optimizer._get_variable_index(variable)  # noqa: SLF001 - see UPSTREAM
-    return optimizer._momentums[index], optimizer._velocities[index]  # noqa: SLF001
+def learning_rate_schedule(optimizer):
+    """What `optimizer` holds as its learning rate: the schedule it was given, a variable, or None."""
+    return getattr(optimizer, "_learning_rate", None)  # noqa: SLF001 - see UPSTREAM
+
+
+UPSTREAM["keras.optimizers.Optimizer._clip_gradients"] = (
+    "the method FusedAdam (opt-in) replaces to clip every gradient's norm in two ops a weight instead of Keras' "
+    "~17. Keras calls it after unscaling loss-scaled gradients and averaging accumulated ones; clipping in the "
+    "public `apply` instead would run before both, and Keras would clip a second time unless `clipnorm` were "
+    "hidden from it. Should a release rename it, Keras clips by itself (same result, its own cost)")
