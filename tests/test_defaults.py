@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import tfp_nvp
 from tfp_nvp import WarmupCosineDecay
+from tfp_nvp._compat import learning_rate_schedule
 from tfp_nvp.bijectors import AffineCoupling
 from tfp_nvp.models.flow_model import DEFAULT_BATCH_SIZE
 
@@ -70,11 +71,13 @@ def test_real_nvp_image_default_unchanged():
     assert flow._tfp_nvp_spec["config"]["hidden_units"] == [128]
 
 
-def test_compile_without_optimizer_is_fused_adam_with_the_documented_schedule():
+def test_compile_without_optimizer_is_keras_adam_with_the_documented_schedule():
     model = _small_model()
     model.compile()
-    assert type(model.optimizer) is tfp_nvp.FusedAdam
-    schedule = model.optimizer._learning_rate
+    # Keras' own Adam (public API only); FusedAdam is opt-in.
+    assert type(model.optimizer) is keras.optimizers.Adam
+    assert model.optimizer.get_config()["clipnorm"] is None
+    schedule = learning_rate_schedule(model.optimizer)
     assert isinstance(schedule, WarmupCosineDecay)
     assert schedule.get_config() == dict(peak_learning_rate=5e-3, warmup_fraction=0.05, final_fraction=0.01,
                                          total_steps=None, name="warmup_cosine_decay")
@@ -188,7 +191,8 @@ def test_keras_file_keeps_the_default_optimizer(tmp_path):
     path = str(tmp_path / "model.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
-    schedule = loaded.optimizer._learning_rate
+    assert type(loaded.optimizer) is keras.optimizers.Adam
+    schedule = learning_rate_schedule(loaded.optimizer)
     assert isinstance(schedule, WarmupCosineDecay)
-    assert schedule.get_config() == model.optimizer._learning_rate.get_config()
+    assert schedule.get_config() == learning_rate_schedule(model.optimizer).get_config()
     np.testing.assert_array_equal(loaded.log_prob(x).numpy(), model.log_prob(x).numpy())

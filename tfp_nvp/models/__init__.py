@@ -2,7 +2,7 @@
 
 * `FlowModel`: a `keras.Model` around a flow (`compile` / `fit` / `evaluate`, `.keras` files, `export`).
 * `FlowLayer`, `NegativeLogLikelihood`: a flow as a layer and a loss inside other Keras models.
-* `FusedAdam`, `WarmupCosineDecay`: an optimizer and a schedule for training flows.
+* `WarmupCosineDecay`: `compile()`'s default learning-rate schedule; `FusedAdam`: an opt-in, faster Adam.
 * `initialize`: ActNorm's data-dependent initialisation; `export_flow`: a SavedModel that serves without tfp_nvp.
 """
 
