@@ -312,6 +312,25 @@ def test_fit_pipelines_run_without_tf_data_autotuning(shuffle, monkeypatch):
         assert seen[name].options().autotune.enabled is False, name
 
 
+def test_validation_split_is_made_once_when_keras_runs_the_fit(monkeypatch):
+    # 100 examples, 20% held out, batches of 16: 5 training steps an epoch, which steps_per_execution=2 does not
+    # divide, so Keras' own fit runs; it must get the data whole and split it once (80 to train on, not 64).
+    seen = {}
+    keras_fit = keras.Model.fit
+
+    def spy(self, x=None, *args, **kwargs):
+        seen["examples"], seen["validation_split"] = len(x), kwargs.get("validation_split")
+        return keras_fit(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
+    model = FlowModel(tfp_nvp.real_nvp([2], num_coupling_layers=1, hidden_units=(4,), seed=0))
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), steps_per_execution=2)
+    history = model.fit(two_moons(100, seed=0), batch_size=16, epochs=1, validation_split=0.2, verbose=0)
+    assert seen == {"examples": 100, "validation_split": 0.2}
+    assert int(model.optimizer.iterations) == 5
+    assert len(history.history["val_nll"]) == 1
+
+
 def test_sample_weights_weight_training_and_every_reported_mean():
     """Keras drops the weights of data without targets; FlowModel must not (a flow has no targets)."""
     rng = np.random.default_rng(3)

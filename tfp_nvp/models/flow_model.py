@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import keras
@@ -10,7 +11,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_nvp import flows, images
-from tfp_nvp._compat import MetricsList, keras_global_seed, mark_lower_is_better
+from tfp_nvp._compat import MetricsList, keras_global_seed, learning_rate_schedule, mark_lower_is_better
 from tfp_nvp.flows import flow_layers
 from tfp_nvp.models.export import export_flow
 from tfp_nvp.models.schedules import SizeScheduleToFit, WarmupCosineDecay
@@ -50,6 +51,9 @@ def _take(x, index):
     return {k: v[index] for k, v in x.items()} if isinstance(x, dict) else x[index]
 
 
+# `fit`'s own pipelines run without tf.data autotuning: they have nothing to tune (a fixed prefetch, no parallel
+# maps), and the autotuner's background thread held the iterator's destruction when `fit` returned for up to its
+# optimization period (measured: 15-18 s after a 25 s two-moons run, in about one run in five).
 _NO_AUTOTUNE = tf.data.Options()
 _NO_AUTOTUNE.autotune.enabled = False
 
@@ -85,6 +89,77 @@ def _with_callback(callbacks, callback):
         callbacks.append(callback)
         return callbacks
     return [*callbacks, callback]
+
+
+def _flow_validation_data(validation_data):
+    """`validation_data` as `fit` passes it on: `(x_val,)` and `(x_val, None)` become `x_val` (a flow has no
+    targets), `(x_val, None, w_val)` gets zero targets that keep the weights (see `_placeholder_targets`)."""
+    if isinstance(validation_data, tuple) and (len(validation_data) == 1 or (
+            len(validation_data) == 2 and validation_data[1] is None)):
+        return validation_data[0]
+    if isinstance(validation_data, tuple) and len(validation_data) == 3 and validation_data[1] is None:
+        x_val, _, w_val = validation_data
+        return x_val, _placeholder_targets(x_val, None, w_val, "validation_data[0]"), w_val
+    return validation_data
+
+
+def _check_batch_size(arg, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0):
+        raise ValueError(f"`{arg}` must be a positive integer or None; got {value!r}.")
+
+
+def _shuffle_seed(shuffle_seed):
+    """The seed of `fit`'s shuffling, as an int64 tensor: `shuffle_seed`, else the one given to
+    `keras.utils.set_random_seed`, else fresh entropy (a different order every run)."""
+    if shuffle_seed is None:
+        shuffle_seed = keras_global_seed()
+    if shuffle_seed is None:
+        shuffle_seed = int(np.random.SeedSequence().generate_state(1)[0])
+    if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)):
+        raise TypeError(f"`shuffle_seed` must be an integer or None; got {shuffle_seed!r}.")
+    return tf.constant(int(shuffle_seed) % 2**63, tf.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ArrayFit:
+    """`fit` on arrays as one repeated pipeline: its training data, validation data and steps per epoch."""
+
+    x: object
+    val: object
+    n: int
+    batch_size: int
+    val_batch: int
+    train_steps: int
+    val_steps: int | None
+
+    @classmethod
+    def plan(cls, x, validation_data, validation_split, batch_size, validation_batch_size, steps_per_execution):
+        """The plan for array inputs, or None where Keras' own `fit` must run: no examples left to train on, or
+        steps per epoch (training or validation) that `steps_per_execution` does not divide."""
+        batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+        n = _num_examples(x)
+        val = validation_data
+        if val is None and validation_split:
+            if not 0.0 < validation_split < 1.0:
+                raise ValueError(f"`validation_split` must be in [0, 1); got {validation_split}.")
+            # Keras takes the last fraction, unshuffled; so does this path.
+            split = int(math.floor(n * (1.0 - validation_split)))
+            x, val = _take(x, slice(0, split)), _take(x, slice(split, n))
+            n = split
+        train_steps = math.ceil(n / batch_size)
+        val_batch = validation_batch_size or batch_size
+        val_steps = None if val is None else math.ceil(_num_examples(val) / val_batch)
+        # Keras runs `steps_per_execution` steps per call; on a repeated dataset a call that crossed an epoch
+        # boundary would eat the next epoch's batches, so only whole divisions take this path.
+        spe = steps_per_execution
+        if n == 0 or train_steps % spe or (val_steps is not None and val_steps % spe):
+            return None
+        return cls(x, val, n, batch_size, val_batch, train_steps, val_steps)
+
+    def validation_batches(self):
+        if self.val is None:
+            return None
+        return tf.data.Dataset.from_tensor_slices(self.val).batch(self.val_batch).repeat().with_options(_NO_AUTOTUNE)
 
 
 @keras.saving.register_keras_serializable(package="tfp_nvp")
@@ -319,51 +394,20 @@ class FlowModel(keras.Model):
         (`bits_per_dim`) is that mean over all the data; `loss` is, as in Keras, the average of the batches'
         losses.
         """
-        if self.optimizer is not None and not self.optimizer.built:
-            # Built lazily, the optimizer creates its slots inside the first traced step, and tf.function
-            # then traces the whole step a second time (measured: every network evaluated twice as often
-            # during tracing); building it here makes the first epoch trace once. Its slots must live where
-            # the weights do (mirrored under a tf.distribute strategy), whether or not `fit` runs in its scope.
-            with self.distribute_strategy.scope():
-                self.optimizer.build(self.trainable_weights)
-        schedule = getattr(self.optimizer, "_learning_rate", None)  # where Keras 3 optimizers keep a schedule
-        if isinstance(schedule, WarmupCosineDecay) and schedule.sized_by_fit:
-            callbacks = _with_callback(callbacks, SizeScheduleToFit(schedule))
-        if isinstance(validation_data, tuple) and (len(validation_data) == 1 or (
-                len(validation_data) == 2 and validation_data[1] is None)):
-            validation_data = validation_data[0]  # Keras' (x_val,) form: a flow has no targets
-        if isinstance(validation_data, tuple) and len(validation_data) == 3 and validation_data[1] is None:
-            x_val, _, w_val = validation_data
-            validation_data = (x_val, _placeholder_targets(x_val, None, w_val, "validation_data[0]"), w_val)
+        self._build_optimizer_before_the_first_step()
+        callbacks = self._with_schedule_sizing(callbacks)
+        validation_data = _flow_validation_data(validation_data)
         y = _placeholder_targets(x, y, sample_weight)
         for arg, value in (("batch_size", batch_size), ("validation_batch_size", validation_batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                                      or value <= 0):
-                raise ValueError(f"`{arg}` must be a positive integer or None; got {value!r}.")
-        fast = (
-            y is None and sample_weight is None and steps_per_epoch is None and validation_steps is None
-            and not kwargs.get("class_weight") and shuffle in (True, False) and _is_array_input(x)
-            and (validation_data is None or _is_array_input(validation_data))
-        )
-        if fast:
-            batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-            n = _num_examples(x)
-            val = validation_data
-            if val is None and validation_split:
-                if not 0.0 < validation_split < 1.0:
-                    raise ValueError(f"`validation_split` must be in [0, 1); got {validation_split}.")
-                # Keras takes the last fraction, unshuffled; so does this path.
-                split = int(math.floor(n * (1.0 - validation_split)))
-                x, val = _take(x, slice(0, split)), _take(x, slice(split, n))
-                n = split
-            spe = self.steps_per_execution
-            train_steps = math.ceil(n / batch_size)
-            val_batch = validation_batch_size or batch_size
-            val_steps = None if val is None else math.ceil(_num_examples(val) / val_batch)
-            # Keras runs `steps_per_execution` steps per call; on a repeated dataset a call that crossed an
-            # epoch boundary would eat the next epoch's batches, so only whole divisions take this path.
-            fast = n > 0 and train_steps % spe == 0 and (val_steps is None or val_steps % spe == 0)
-        if not fast:
+            _check_batch_size(arg, value)
+        array_path = (y is None and sample_weight is None and steps_per_epoch is None and validation_steps is None
+                      and not kwargs.get("class_weight") and shuffle in (True, False) and _is_array_input(x)
+                      and (validation_data is None or _is_array_input(validation_data)))
+        plan = None
+        if array_path:
+            plan = _ArrayFit.plan(x, validation_data, validation_split, batch_size, validation_batch_size,
+                                  self.steps_per_execution)
+        if plan is None:  # Keras' own fit
             if batch_size is None and _is_array_input(x):
                 batch_size = DEFAULT_BATCH_SIZE
             return super().fit(x, y, batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=callbacks,
@@ -372,50 +416,65 @@ class FlowModel(keras.Model):
                                validation_steps=validation_steps, validation_batch_size=validation_batch_size,
                                **kwargs)
         if shuffle:
-            # Each epoch's order is a pure function of a seed and the optimizer step the epoch starts at, so a
-            # run resumed with its optimizer state (BackupAndRestore, or a checkpoint restore and
-            # fit(initial_epoch=k)) sees the batches the uninterrupted run saw, and repeated fit calls see new
-            # orders. The seed: `shuffle_seed`, else keras.utils.set_random_seed's, else fresh entropy.
-            if shuffle_seed is None:
-                shuffle_seed = keras_global_seed()
-            if shuffle_seed is None:
-                shuffle_seed = int(np.random.SeedSequence().generate_state(1)[0])
-            if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)):
-                raise TypeError(f"`shuffle_seed` must be an integer or None; got {shuffle_seed!r}.")
-            seed = tf.constant(int(shuffle_seed) % 2**63, tf.int64)
-            # The step this fit starts at, written once callbacks have run `on_train_begin` (where
-            # BackupAndRestore restores the optimizer) and read by the pipeline. Reading `optimizer.iterations`
-            # in the pipeline itself races with the first step: nothing orders the iterator's first read after
-            # the step's increment, and a run that read 1 instead of 0 drew other batches.
-            with self.distribute_strategy.scope():
-                start_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="fit_start_step")
-            callbacks = _with_callback(callbacks, _RecordStartStep(start_step))
-            data = tf.nest.map_structure(tf.convert_to_tensor, x)
-
-            def first_step(_):
-                return start_step.read_value()
-
-            def epoch_starts(first):
-                return tf.data.Dataset.range(2**62).map(lambda epoch: first + epoch * train_steps)
-
-            def epoch_batches(start):
-                order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
-                                                                 seed=tf.stack([seed, start]))
-                return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
-
-            ds = (tf.data.Dataset.range(1).map(first_step).flat_map(epoch_starts).flat_map(epoch_batches)
-                  .map(lambda index: tf.nest.map_structure(lambda t: tf.gather(t, index), data)).prefetch(1))
+            ds, callbacks = self._shuffled_batches(plan, _shuffle_seed(shuffle_seed), callbacks)
         else:
             # batch before repeat: every epoch is one pass, ending in the same short batch Keras would give.
-            ds = tf.data.Dataset.from_tensor_slices(x).batch(batch_size).repeat().prefetch(1)
-        if val is not None:
-            val = tf.data.Dataset.from_tensor_slices(val).batch(val_batch).repeat()
-        # No tf.data autotuning: these pipelines have nothing to tune (a fixed prefetch, no parallel maps), and
-        # the autotuner's background thread held the iterator's destruction when `fit` returned for up to its
-        # optimization period (measured: 15-18 s after a 25 s two-moons run, in about one run in five).
-        ds, val = (None if d is None else d.with_options(_NO_AUTOTUNE) for d in (ds, val))
-        return super().fit(ds, epochs=epochs, verbose=verbose, callbacks=callbacks, validation_data=val,
-                           shuffle=False, steps_per_epoch=train_steps, validation_steps=val_steps, **kwargs)
+            ds = tf.data.Dataset.from_tensor_slices(plan.x).batch(plan.batch_size).repeat()
+        return super().fit(ds.prefetch(1).with_options(_NO_AUTOTUNE), epochs=epochs, verbose=verbose,
+                           callbacks=callbacks, validation_data=plan.validation_batches(), shuffle=False,
+                           steps_per_epoch=plan.train_steps, validation_steps=plan.val_steps, **kwargs)
+
+    def _build_optimizer_before_the_first_step(self):
+        """Builds the optimizer's slots ahead of `fit`'s first step.
+
+        Built lazily, the optimizer creates its slots inside the first traced step, and tf.function then traces
+        the whole step a second time (measured: every network evaluated twice as often during tracing); built
+        here, the first epoch traces once. The slots must live where the weights do (mirrored under a
+        tf.distribute strategy), whether or not `fit` runs in the strategy's scope.
+        """
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_weights)
+
+    def _with_schedule_sizing(self, callbacks):
+        """`callbacks` and, for a `WarmupCosineDecay(total_steps=None)`, the callback that sizes it to this fit."""
+        schedule = learning_rate_schedule(self.optimizer)
+        if isinstance(schedule, WarmupCosineDecay) and schedule.sized_by_fit:
+            return _with_callback(callbacks, SizeScheduleToFit(schedule))
+        return callbacks
+
+    def _shuffled_batches(self, plan, seed, callbacks):
+        """The training batches of `plan`, each epoch in an order drawn from `seed` and the epoch's first step.
+
+        Each epoch's order is a pure function of the seed and the optimizer step the epoch starts at, so a run
+        resumed with its optimizer state (BackupAndRestore, or a checkpoint restore and fit(initial_epoch=k))
+        sees the batches the uninterrupted run saw, and repeated fit calls see new orders. Returns the dataset
+        and `callbacks` with the one that records the starting step.
+        """
+        # The step this fit starts at, written once callbacks have run `on_train_begin` (where BackupAndRestore
+        # restores the optimizer) and read by the pipeline. Reading `optimizer.iterations` in the pipeline itself
+        # races with the first step: nothing orders the iterator's first read after the step's increment, and a
+        # run that read 1 instead of 0 drew other batches.
+        with self.distribute_strategy.scope():
+            start_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="fit_start_step")
+        callbacks = _with_callback(callbacks, _RecordStartStep(start_step))
+        data = tf.nest.map_structure(tf.convert_to_tensor, plan.x)
+        n, train_steps, batch_size = plan.n, plan.train_steps, plan.batch_size
+
+        def first_step(_):
+            return start_step.read_value()
+
+        def epoch_starts(first):
+            return tf.data.Dataset.range(2**62).map(lambda epoch: first + epoch * train_steps)
+
+        def epoch_batches(start):
+            order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                             seed=tf.stack([seed, start]))
+            return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+        ds = (tf.data.Dataset.range(1).map(first_step).flat_map(epoch_starts).flat_map(epoch_batches)
+              .map(lambda index: tf.nest.map_structure(lambda t: tf.gather(t, index), data)))
+        return ds, callbacks
 
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, **kwargs):
         """Keras `evaluate`; with `sample_weight`, `nll` is the weighted mean `sum(w * nll) / sum(w)` (see `fit`)."""
