@@ -17,7 +17,7 @@ import tensorflow_probability as tfp
 import tfp_nvp
 from tfp_nvp import AffineCoupling, FlowModel, InverseAutoregressive, MaskedAutoregressive
 from tfp_nvp.networks import MADE, MaskedDense
-from tfp_nvp.bijectors._base import one_call
+from tfp_nvp.bijectors._reuse import one_call
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from typing import Iterable, Sequence
 
 import keras
@@ -12,7 +10,9 @@ import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
 
 from tfp_nvp import nn
-from tfp_nvp._compat import BijectorCache, BijectorCacheWithGreedyAttrs
+# Result reuse lives in `_reuse`; `one_call` and `cache_in_traces_only` are re-exported for the flows and the
+# surrogates, which import them from here.
+from tfp_nvp.bijectors._reuse import TracedOnlyCache, cache_in_traces_only, one_call  # noqa: F401
 
 __all__ = ["KerasParameterizedBijector", "NetworkContract", "ParameterLayer", "as_float_dtype", "as_shape",
            "assert_finite", "check_dtype", "check_event"]
@@ -209,115 +209,6 @@ def _backing_variables(layers: Iterable) -> list[tf.Variable]:
     return found
 
 
-# ------------------------------------------------------------------------------------------- result reuse
-# A bijector's result may be read back by a later call in the same computation: TFP's log_prob runs `inverse`
-# and then asks for the log-det at the same tensors, sampling with log-densities does the mirror image. TFP's
-# cache keeps such results per input tensor for as long as the caller holds it, which outlives a weight update
-# in eager code (`flow.log_prob(x)` for one `x` tensor before and after training returned the old log-det;
-# TFP's own bijectors over `tf.Variable`s behave the same). Here results are reused only where they cannot
-# go stale: inside a traced function (every call builds fresh tensors that read the weights when the function
-# runs), and eagerly within one scoring call (`one_call`), after which everything kept eagerly is dropped.
-_reuse = threading.local()
-
-
-def reuse_allowed() -> bool:
-    """Whether a result computed now may be read back later: while tracing, or eagerly inside `one_call`."""
-    return not tf.executing_eagerly() or getattr(_reuse, "depth", 0) > 0
-
-
-@contextlib.contextmanager
-def one_call():
-    """Eager calls inside share results as traced ones do; leaving the outermost scope forgets them all."""
-    depth = getattr(_reuse, "depth", 0)
-    if depth == 0:
-        _reuse.forget = {}
-    _reuse.depth = depth + 1
-    try:
-        yield
-    finally:
-        _reuse.depth = depth
-        if depth == 0:
-            forget, _reuse.forget = _reuse.forget, {}
-            for drop in forget.values():
-                drop()
-
-
-def forget_after_call(key, drop) -> None:
-    """Registers `drop()` to run when the current eager `one_call` ends (nothing to do while tracing)."""
-    if tf.executing_eagerly() and getattr(_reuse, "depth", 0) > 0:
-        _reuse.forget.setdefault(key, drop)
-
-
-def keep_for_call(owner, attr: str, value, empty=None) -> None:
-    """Sets `owner.attr = value` (a memo of tensors) where `reuse_allowed()`; an eager `one_call` resets it to
-    `empty` when it ends."""
-    if not reuse_allowed():
-        return
-    setattr(owner, attr, value)
-    forget_after_call(("memo", id(owner), attr), lambda: setattr(owner, attr, empty))
-
-
-def same_graph(a, b) -> bool:
-    """Whether two tensors belong to the same graph (both eager counts as the same)."""
-    return getattr(a, "graph", None) is getattr(b, "graph", None)
-
-
-def _drop_eager_entries(storage) -> None:
-    for key in list(storage.keys()):
-        if key.alive and any(tf.is_tensor(t) and not tf.is_symbolic_tensor(t) for t in tf.nest.flatten(key())):
-            key.cancel()
-            storage.pop(key, None)
-
-
-class _TracedOnlyCache(BijectorCache):
-    """TFP's bijector cache, consulted only where `reuse_allowed()`: while tracing, or within one eager call."""
-
-    def _note_eager_use(self):
-        storage = self.storage
-        forget_after_call(("cache", id(storage)), lambda: _drop_eager_entries(storage))
-
-    def _lookup(self, input, forward_name, inverse_name, **kwargs):  # noqa: A002 (TFP's signature)
-        if not reuse_allowed():
-            return self._invoke(input, forward_name, kwargs, {})
-        self._note_eager_use()
-        return super()._lookup(input, forward_name, inverse_name, **kwargs)
-
-    def _attributes(self, input, fn_name, **kwargs):  # noqa: A002
-        if not reuse_allowed():
-            return {}
-        self._note_eager_use()
-        return super()._attributes(input, fn_name, **kwargs)
-
-
-class _TracedOnlyGreedyCache(_TracedOnlyCache, BijectorCacheWithGreedyAttrs):
-    """The same, for bijectors whose `_augmented_forward`/`_augmented_inverse` return the log-det with the output."""
-
-
-def traced_only_cache(forward_name: str = "_forward", inverse_name: str = "_inverse", greedy: bool = False):
-    """An unbound cache to assign as a bijector class's `_cache` (TFP binds it to each instance)."""
-    cls = _TracedOnlyGreedyCache if greedy else _TracedOnlyCache
-    return cls(forward_name=forward_name, inverse_name=inverse_name)
-
-
-def cache_in_traces_only(bijector) -> None:
-    """Give `bijector` and every bijector nested in it (chains, `tfb.Invert`, ...) the traced-only cache.
-
-    This package's bijectors choose their own (traced-only) caches; the TFP containers a flow is built from
-    cache too, and a chain keeps `inverse(x)` for as long as the caller holds `x` (a sample kept for a later
-    plot), across a weight update. TFP bijectors that return their log-det with their output (`tfb.FFJORD`)
-    keep doing so, within the same limits. The builders' flows and the surrogates of `tfp_nvp.vi` call this on
-    their bijector.
-    """
-    for b in (bijector, *bijector.submodules):
-        if isinstance(b, tfb.Bijector) and not isinstance(b, KerasParameterizedBijector):
-            current = b._cache
-            cls = (_TracedOnlyGreedyCache if isinstance(current, BijectorCacheWithGreedyAttrs)
-                   else _TracedOnlyCache)
-            if type(current) is not cls:
-                b._cache = cls(forward_name=current._forward_name, inverse_name=current._inverse_name,
-                               bijector=b, bijector_class=type(b))
-
-
 class KerasParameterizedBijector(tfb.Bijector):
     """Base for bijectors that keep their parameters in Keras 3 layers.
 
@@ -330,7 +221,7 @@ class KerasParameterizedBijector(tfb.Bijector):
       `tfd.TransformedDistribution`, `tf.train.Checkpoint` and `tfp.vi` then see them too.
     """
 
-    _cache = _TracedOnlyCache()
+    _cache = TracedOnlyCache()
 
     def _track_layers(self, layers: Sequence) -> None:
         self._keras_layers = list(layers)

@@ -16,8 +16,8 @@ from tfp_nvp.bijectors._base import (
     as_shape,
     assert_finite,
     check_dtype,
-    traced_only_cache,
 )
+from tfp_nvp.bijectors._reuse import traced_only_cache
 from tfp_nvp.bijectors.coupling import LOG_SCALE_BOUNDS, _bounded_log_scale
 
 __all__ = ["MaskedAutoregressive", "InverseAutoregressive", "DIRECTIONS"]

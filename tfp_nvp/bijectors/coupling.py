@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Callable, Sequence
 
 import keras
@@ -19,10 +18,8 @@ from tfp_nvp.bijectors._base import (
     as_shape,
     assert_finite,
     check_dtype,
-    keep_for_call,
-    reuse_allowed,
-    same_graph,
 )
+from tfp_nvp.bijectors._reuse import recall, remember
 
 __all__ = ["AffineCoupling", "VECTOR_MASKS", "IMAGE_MASKS", "LOG_SCALE_BOUNDS"]
 
@@ -301,25 +298,23 @@ class _Coupling(KerasParameterizedBijector):
     # TFP's log_prob calls `_inverse(y)` and then a log-det at its input or output, and sampling with
     # log-densities does the mirror image; each would run the network again on the same conditioning half.
     # XLA merges the two forward passes but not their gradients (measured: 1.5x steps/s for 8 affine couplings
-    # when the log-scale is reused). Inside one traced function the tensors a call saw and returned are
-    # remembered with the elementwise log-det computed with them; a later log-det at the latent side `x`
-    # (log|dy/dx|) or the data side `y` (log|dx/dy|) of that call is read from it. Eagerly it lives only for one
-    # scoring call (`one_call`), so a tape or a weight update between two eager calls can never meet a stale value.
+    # when the log-scale is reused). The tensors a call saw and returned are therefore remembered (see
+    # `_reuse`) with the elementwise log-det computed with them; a later log-det at the latent side `x`
+    # (log|dy/dx|) or the data side `y` (log|dx/dy|) of that call is read from it.
     def _remember(self, x, y, conditional_input, log_det, inverse):
-        keep_for_call(self, "_log_det_memo", (weakref.ref(x), weakref.ref(y), conditional_input, log_det, inverse))
+        # `log_det` is log|dx/dy| after an inverse call and log|dy/dx| after a forward call: the flag says
+        # whether the log-det asked for at that side is its negation.
+        remember(self, x, (log_det, inverse), key=("x", conditional_input))
+        remember(self, y, (log_det, not inverse), key=("y", conditional_input))
 
     def _recall(self, t, side, conditional_input):
         """The summed log-det in the direction of `side` ("x": forward, "y": inverse) if `t` was just seen."""
-        memo = getattr(self, "_log_det_memo", None)
-        if memo is None or not reuse_allowed():
+        found = recall(self, t, key=(side, conditional_input))
+        if found is None:
             return None
-        ref_x, ref_y, c, log_det, inverse = memo
-        ref = ref_x if side == "x" else ref_y
-        if ref() is not t or c is not conditional_input or not same_graph(log_det, t):
-            return None
+        log_det, negate = found
         total = self._reduce_event(log_det)
-        # `log_det` is log|dx/dy| after an inverse call and log|dy/dx| after a forward call.
-        return -total if inverse == (side == "x") else total
+        return -total if negate else total
 
     # The memo is keyed on the tensors TFP passes in and out; the arithmetic uses the checked input, which is
     # the same tensor unless `validate_args` gates it on its finiteness check.

@@ -22,7 +22,6 @@ per-level priors: the factored-out part is `N(mu(x_keep), sigma(x_keep)^2)` in d
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Sequence
 
 import keras
@@ -35,11 +34,9 @@ from tfp_nvp.bijectors._base import (
     as_float_dtype,
     as_shape,
     check_event,
-    keep_for_call,
-    reuse_allowed,
-    same_graph,
 )
 from tfp_nvp.bijectors._conditioning import broadcast_condition, missing_condition, unexpected_condition
+from tfp_nvp.bijectors._reuse import recall, remember
 
 __all__ = ["FactorOut", "OnChannels", "ContextConv"]
 
@@ -267,22 +264,19 @@ class FactorOut(KerasParameterizedBijector):
 
     # TFP's log_prob runs `_inverse(y)` and then a log-det at its input or its output (sampling with
     # log-densities does the mirror image); each would run the prior network again on the same kept channels,
-    # and XLA merges the repeated forward passes but not their gradients. Inside one traced function the
-    # log-scale a call computed is remembered with the latent-side and data-side tensors of that call and reused
-    # by a log-det at either; eagerly it lives only for one scoring call (`one_call`), so a tape or a weight
-    # update between two eager calls can never meet a stale value.
+    # and XLA merges the repeated forward passes but not their gradients. The log-scale a call computed is
+    # therefore remembered (see `_reuse`) with the latent-side and data-side tensors of that call and reused
+    # by a log-det at either.
     def _remember(self, latent, data, conditional_input, log_sigma):
-        keep_for_call(self, "_log_sigma_memo", (weakref.ref(latent), weakref.ref(data), conditional_input, log_sigma))
+        remember(self, latent, log_sigma, key=("latent", conditional_input))
+        remember(self, data, log_sigma, key=("data", conditional_input))
 
     def _log_sigma_at(self, t, arg, conditional_input, latent_side):
         checked = self._check_event(t, arg)
-        memo = getattr(self, "_log_sigma_memo", None)
-        if memo is not None and reuse_allowed():
-            ref_latent, ref_data, c, log_sigma = memo
-            ref = ref_latent if latent_side else ref_data
-            if ref() is t and c is conditional_input and same_graph(log_sigma, t):
-                return self._reduce_event(log_sigma)
-        return self._reduce_event(self._prior(checked[..., : self._num_keep], conditional_input)[1])
+        log_sigma = recall(self, t, key=("latent" if latent_side else "data", conditional_input))
+        if log_sigma is None:
+            log_sigma = self._prior(checked[..., : self._num_keep], conditional_input)[1]
+        return self._reduce_event(log_sigma)
 
     # The memo is keyed on the tensors TFP passes in and out; the arithmetic uses the checked input, which is
     # the same tensor unless `validate_args` gates it on its finiteness check.
@@ -392,17 +386,17 @@ class OnChannels(tfb.Bijector):
 
     # TFP's log_prob calls `_inverse(y)` and then a log-det at its output `x` (or at `y`). Slicing that tensor
     # anew would hand the inner bijector a tensor it has never seen, missing its cache: the whole inner level
-    # (every coupling network) would run again for the log-det, and its gradient too. Inside one traced function
-    # the parts of the tensors a call took and returned are therefore remembered, so a later split of either
-    # gives the very tensors the inner bijector saw or returned (eagerly: within one scoring call, `one_call`).
+    # (every coupling network) would run again for the log-det, and its gradient too. The parts of the tensors
+    # a call took and returned are therefore remembered (see `_reuse`), so a later split of either gives the
+    # very tensors the inner bijector saw or returned.
     def _remember(self, *pairs):
-        keep_for_call(self, "_parts_memo", [(weakref.ref(whole), parts) for whole, parts in pairs], ())
+        for whole, parts in pairs:
+            remember(self, whole, parts)
 
     def _split(self, x):
-        if reuse_allowed():
-            for ref, parts in getattr(self, "_parts_memo", ()):
-                if ref() is x and same_graph(parts[0], x):
-                    return parts
+        parts = recall(self, x)
+        if parts is not None:
+            return parts
         return x[..., : self._num_channels], x[..., self._num_channels:]
 
     @staticmethod

@@ -14,7 +14,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from tfp_nvp.bijectors._base import KerasParameterizedBijector, as_float_dtype, as_shape, one_call, traced_only_cache
+from tfp_nvp.bijectors._base import KerasParameterizedBijector, as_float_dtype, as_shape
+from tfp_nvp.bijectors._reuse import one_call, traced_only_cache
 
 tfb = tfp.bijectors
 

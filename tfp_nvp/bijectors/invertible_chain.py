@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Sequence
 
 import numpy as np
@@ -10,15 +9,11 @@ import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
 
 from tfp_nvp._compat import Chain, is_injective, stop_recording
-from tfp_nvp.bijectors._base import keep_for_call, reuse_allowed, same_graph
+from tfp_nvp.bijectors._reuse import recall, remember
 from tfp_nvp.bijectors.actnorm import initialization_settled
 from tfp_nvp.bijectors.factor_out import OnChannels
 
 __all__ = ["InvertibleChain"]
-
-# Density passes remembered per chain, so `inverse` and the log-det TFP asks for next share one pass.
-_MEMO_SIZE = 4
-
 
 class InvertibleChain(Chain):
     r"""`tfb.Chain` with invertible backpropagation in the density direction (`inverse` and its log-det).
@@ -58,9 +53,6 @@ class InvertibleChain(Chain):
       >>> grads = tape.gradient(loss, flow.trainable_variables)   # equal to tfb.Chain's, less memory
     """
 
-    # The memo holds tensors of past calls, not state: tf.Module's variable walk and checkpoints skip it.
-    _TF_MODULE_IGNORED_PROPERTIES = Chain._TF_MODULE_IGNORED_PROPERTIES.union(("_memo",))
-
     def __init__(self, bijectors: Sequence[tfb.Bijector] | None = None, validate_args: bool = False,
                  validate_event_size: bool = False, name: str | None = None):
         parameters = dict(locals())
@@ -75,7 +67,6 @@ class InvertibleChain(Chain):
                 )
             if not is_injective(step):
                 raise ValueError(f"InvertibleChain needs injective bijectors; {step.name!r} is not.")
-        self._memo = []
         super().__init__(bijectors=bijectors, validate_args=validate_args, validate_event_size=validate_event_size,
                          parameters=parameters, name=name)
 
@@ -103,25 +94,15 @@ class InvertibleChain(Chain):
                 return -memo
         return super()._forward_log_det_jacobian(x, event_ndims, **kwargs)
 
-    # ------------------------------------------------------------------------------------------- memo
-    # Like the couplings' memo: read back while tracing, or eagerly within one scoring call (`one_call`), so
-    # a weight update between two eager calls never meets a stale log-det.
+    # ------------------------------------------------------------------------------------------- reuse
+    # A density pass is remembered (see `_reuse`) with its input and its output, so `inverse` and the log-det
+    # TFP asks for next share one pass.
     def _remember(self, y, z, event_ndims, kwargs, ildj):
-        leaves = tuple(tf.nest.flatten(kwargs))
-        entry = (weakref.ref(y), weakref.ref(z), event_ndims, leaves, ildj)
-        keep_for_call(self, "_memo", [entry, *self._memo[: _MEMO_SIZE - 1]], [])
+        remember(self, y, ildj, key=("input", event_ndims, kwargs))
+        remember(self, z, ildj, key=("output", event_ndims, kwargs))
 
     def _recall(self, t, side, event_ndims, kwargs):
-        if not reuse_allowed():
-            return None
-        leaves = tuple(tf.nest.flatten(kwargs))
-        for y_ref, z_ref, ndims, memo_leaves, ildj in self._memo:
-            ref = y_ref if side == "input" else z_ref
-            if (ref() is t and ndims == event_ndims and len(leaves) == len(memo_leaves)
-                    and all(a is b or (not tf.is_tensor(a) and _same_value(a, b)) for a, b in zip(leaves, memo_leaves))
-                    and same_graph(ildj, t)):
-                return ildj
-        return None
+        return recall(self, t, key=(side, event_ndims, kwargs))
 
     # ------------------------------------------------------------------------------------------- the pass
     def _density_pass(self, y, event_ndims: int, kwargs: dict):
@@ -246,13 +227,6 @@ class InvertibleChain(Chain):
         z, ildj = run(y, *tensors)
         self._remember(y, z, event_ndims, kwargs, ildj)
         return z, ildj
-
-
-def _same_value(a, b) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - arrays and other values without a plain truth value
-        return a is b
 
 
 def _static_ndims(value, step) -> int:
