@@ -108,125 +108,155 @@ class InvertibleChain(Chain):
     def _density_pass(self, y, event_ndims: int, kwargs: dict):
         """(latent, inverse log-det) of `y`, differentiated by reconstruction instead of stored activations."""
         steps = list(self.bijectors)
-        flat = tf.nest.flatten(kwargs)
-        # Tensors among the keyword arguments (a conditional input) are inputs of the custom gradient, so the
-        # gradient reaches whatever produced them; everything else stays a Python constant.
-        # One input per distinct tensor: routed kwargs repeat the same condition for every step, and separate
-        # inputs would each receive the whole gradient.
-        positions, tensors, slot_of = [], [], {}
-        for i, v in enumerate(flat):
-            if tf.is_tensor(v) or isinstance(v, np.ndarray):
-                if id(v) not in slot_of:
-                    slot_of[id(v)] = len(tensors)
-                    tensors.append(tf.convert_to_tensor(v))
-                positions.append((i, slot_of[id(v)]))
-
-        def rebuild_kwargs(values):
-            leaves = list(flat)
-            for i, slot in positions:
-                leaves[i] = values[slot]
-            return tf.nest.pack_sequence_as(kwargs, leaves)
+        tensors, rebuild_kwargs = _kwarg_tensors(kwargs)
 
         @tf.custom_gradient
         def run(y, *leaf_tensors):
             call_kwargs = rebuild_kwargs(leaf_tensors)
-            with stop_recording():
-                x, total, e = y, None, event_ndims
-                for step in steps:
-                    kw = call_kwargs.get(step.name, {})
-                    x, ildj = _step_inverse(step, x, e, kw)
-                    total = ildj if total is None else total + ildj
-                    e = _static_ndims(step.inverse_event_ndims(e, **kw), step)
-                    # A fresh tensor between steps: TFP's cache keeps a step's input alive as long as its output
-                    # is, which would chain every intermediate activation to the result.
-                    x = tf.identity(x)
-                if total is None:
-                    total = tf.zeros(tf.shape(y)[: tf.rank(y) - event_ndims], y.dtype)
-            z = x
+            z, total = _unrecorded_pass(steps, y, event_ndims, call_kwargs)
 
             def grad(dz, dildj, variables=None):
-                variables = list(variables or [])
-                dz = tf.zeros_like(z) if dz is None else dz
-                dildj = tf.zeros_like(total) if dildj is None else dildj
-                var_grads = [None] * len(variables)
-                leaf_grads = [None] * len(leaf_tensors)
-                floating = [t for t in leaf_tensors if t.dtype.is_floating]
-                batch_shape = tf.shape(total)
-
-                def backprop_step(step, e, kw, output, upstream, finished, given_input):
-                    """Rebuilds one step's input, recomputes the step locally and returns its input gradient."""
-                    # Rebuilding waits for the whole previous step's gradient, so a graph runtime cannot
-                    # recompute every step ahead of time and hold all their activations at once.
-                    with tf.control_dependencies(finished):
-                        if given_input is not None:
-                            step_input = tf.identity(given_input)  # the real input: no reconstruction error
-                        else:
-                            with stop_recording():
-                                step_input = tf.identity(step.forward(output, **kw))
-                    # The density pass above already ran any ActNorm initialisation; re-running its test here
-                    # would put a synchronisation point inside the gradient under a distribution strategy.
-                    with tf.GradientTape() as tape, initialization_settled():
-                        tape.watch(step_input)
-                        tape.watch(floating)
-                        step_output, step_ildj = _step_inverse(step, step_input, e, kw)
-                        # A parameter-free step may return a scalar log-det; the pass summed it per example.
-                        step_ildj = tf.broadcast_to(step_ildj, batch_shape)
-                    sources = [step_input, *variables, *leaf_tensors]
-                    grads = tape.gradient([step_output, step_ildj], sources, output_gradients=[upstream, dildj])
-                    for k, g in enumerate(grads[1 : 1 + len(variables)]):
-                        if g is not None:
-                            g = tf.convert_to_tensor(g)
-                            var_grads[k] = g if var_grads[k] is None else var_grads[k] + g
-                    for k, g in enumerate(grads[1 + len(variables):]):
-                        if g is not None:
-                            leaf_grads[k] = g if leaf_grads[k] is None else leaf_grads[k] + g
-                    upstream = tf.zeros_like(step_input) if grads[0] is None else grads[0]
-                    finished = [tf.convert_to_tensor(g) for g in grads if g is not None] or [upstream]
-                    return tf.stop_gradient(step_input), upstream, finished
-
-                def walk_back(chain_steps, chain_kwargs, e, output, upstream, finished, chain_input):
-                    """Backpropagates through `chain_steps` from its output; returns its rebuilt input.
-
-                    Nested invertible chains are walked step by step in place, not recomputed as a whole: a
-                    level's steps are then rebuilt and recomputed once each, as at the top.
-                    """
-                    step_ndims = []
-                    for step in chain_steps:
-                        kw = chain_kwargs.get(step.name, {})
-                        step_ndims.append(e)
-                        e = _static_ndims(step.inverse_event_ndims(e, **kw), step)
-                    for index in reversed(range(len(chain_steps))):
-                        step, e = chain_steps[index], step_ndims[index]
-                        kw = chain_kwargs.get(step.name, {})
-                        given = chain_input if index == 0 else None
-                        inner = _inner_chain(step)
-                        if inner is None:
-                            output, upstream, finished = backprop_step(step, e, kw, output, upstream, finished,
-                                                                       given)
-                        elif isinstance(step, InvertibleChain):
-                            output, upstream, finished = walk_back(step.bijectors, kw, e, output, upstream,
-                                                                   finished, given)
-                        else:  # OnChannels over an InvertibleChain: the chain sees the first k channels
-                            k = step.num_channels
-                            rebuilt, inner_up, finished = walk_back(
-                                inner.bijectors, kw, len(step.event_shape), output[..., :k], upstream[..., :k],
-                                finished, None if given is None else given[..., :k])
-                            output = tf.concat([rebuilt, output[..., k:]], axis=-1)
-                            upstream = tf.concat([inner_up, upstream[..., k:]], axis=-1)
-                    return output, upstream, finished
-
-                _, upstream, _ = walk_back(steps, call_kwargs, event_ndims, z, dz, [dz], y)
-                var_grads = [
-                    g if g is not None or not v.dtype.is_floating else tf.zeros_like(v)
-                    for g, v in zip(var_grads, variables)
-                ]
-                return [upstream, *leaf_grads], var_grads
+                backward = _Backward(variables, leaf_tensors, total, dildj)
+                return backward.gradients(steps, call_kwargs, event_ndims, y, z, dz)
 
             return (z, total), grad
 
         z, ildj = run(y, *tensors)
         self._remember(y, z, event_ndims, kwargs, ildj)
         return z, ildj
+
+
+def _kwarg_tensors(kwargs: dict):
+    """The distinct tensors among the keyword arguments, and a function that puts replacements in their places.
+
+    Tensors among the keyword arguments (a conditional input) are inputs of the custom gradient, so the
+    gradient reaches whatever produced them; everything else stays a Python constant. There is one input per
+    distinct tensor: routed kwargs repeat the same condition for every step, and separate inputs would each
+    receive the whole gradient.
+    """
+    flat = tf.nest.flatten(kwargs)
+    positions, tensors, slot_of = [], [], {}
+    for i, v in enumerate(flat):
+        if tf.is_tensor(v) or isinstance(v, np.ndarray):
+            if id(v) not in slot_of:
+                slot_of[id(v)] = len(tensors)
+                tensors.append(tf.convert_to_tensor(v))
+            positions.append((i, slot_of[id(v)]))
+
+    def rebuild(values):
+        leaves = list(flat)
+        for i, slot in positions:
+            leaves[i] = values[slot]
+        return tf.nest.pack_sequence_as(kwargs, leaves)
+
+    return tensors, rebuild
+
+
+def _unrecorded_pass(steps, y, event_ndims: int, call_kwargs: dict):
+    """(latent, inverse log-det) of `y` through `steps`, with no tape recording any of it."""
+    with stop_recording():
+        x, total, e = y, None, event_ndims
+        for step in steps:
+            kw = call_kwargs.get(step.name, {})
+            x, ildj = _step_inverse(step, x, e, kw)
+            total = ildj if total is None else total + ildj
+            e = _static_ndims(step.inverse_event_ndims(e, **kw), step)
+            # A fresh tensor between steps: TFP's cache keeps a step's input alive as long as its output is,
+            # which would chain every intermediate activation to the result.
+            x = tf.identity(x)
+        if total is None:
+            total = tf.zeros(tf.shape(y)[: tf.rank(y) - event_ndims], y.dtype)
+    return x, total
+
+
+class _Backward:
+    """The backward pass of one density pass: walks the steps in reverse, rebuilds each step's input from its
+    output, recomputes that one step under a local tape and sums the gradients of the variables and of the
+    keyword-argument tensors."""
+
+    def __init__(self, variables, leaf_tensors, total, dildj):
+        self.variables = list(variables or [])
+        self.leaf_tensors = leaf_tensors
+        self.dildj = tf.zeros_like(total) if dildj is None else dildj
+        self.var_grads = [None] * len(self.variables)
+        self.leaf_grads = [None] * len(leaf_tensors)
+        self.floating = [t for t in leaf_tensors if t.dtype.is_floating]
+        self.batch_shape = tf.shape(total)
+
+    def gradients(self, steps, call_kwargs, event_ndims: int, y, z, dz):
+        """What `tf.custom_gradient` wants: the gradients of `y` and the keyword tensors, then the variables'."""
+        dz = tf.zeros_like(z) if dz is None else dz
+        _, upstream, _ = self.walk(steps, call_kwargs, event_ndims, z, dz, [dz], y)
+        var_grads = [
+            g if g is not None or not v.dtype.is_floating else tf.zeros_like(v)
+            for g, v in zip(self.var_grads, self.variables)
+        ]
+        return [upstream, *self.leaf_grads], var_grads
+
+    def walk(self, chain_steps, chain_kwargs, e, output, upstream, finished, chain_input):
+        """Backpropagates through `chain_steps` from its output; returns its rebuilt input.
+
+        Nested invertible chains are walked step by step in place, not recomputed as a whole: a level's steps
+        are then rebuilt and recomputed once each, as at the top.
+        """
+        step_ndims = []
+        for step in chain_steps:
+            kw = chain_kwargs.get(step.name, {})
+            step_ndims.append(e)
+            e = _static_ndims(step.inverse_event_ndims(e, **kw), step)
+        for index in reversed(range(len(chain_steps))):
+            step, e = chain_steps[index], step_ndims[index]
+            kw = chain_kwargs.get(step.name, {})
+            given = chain_input if index == 0 else None
+            inner = _inner_chain(step)
+            if inner is None:
+                output, upstream, finished = self.step(step, e, kw, output, upstream, finished, given)
+            elif isinstance(step, InvertibleChain):
+                output, upstream, finished = self.walk(step.bijectors, kw, e, output, upstream, finished, given)
+            else:  # OnChannels over an InvertibleChain: the chain sees the first k channels
+                k = step.num_channels
+                rebuilt, inner_up, finished = self.walk(
+                    inner.bijectors, kw, len(step.event_shape), output[..., :k], upstream[..., :k], finished,
+                    None if given is None else given[..., :k])
+                output = tf.concat([rebuilt, output[..., k:]], axis=-1)
+                upstream = tf.concat([inner_up, upstream[..., k:]], axis=-1)
+        return output, upstream, finished
+
+    def step(self, step, e, kw, output, upstream, finished, given_input):
+        """Rebuilds one step's input, recomputes the step locally and returns its input gradient."""
+        # Rebuilding waits for the whole previous step's gradient, so a graph runtime cannot recompute every
+        # step ahead of time and hold all their activations at once.
+        with tf.control_dependencies(finished):
+            if given_input is not None:
+                step_input = tf.identity(given_input)  # the real input: no reconstruction error
+            else:
+                with stop_recording():
+                    step_input = tf.identity(step.forward(output, **kw))
+        # The density pass already ran any ActNorm initialisation; re-running its test here would put a
+        # synchronisation point inside the gradient under a distribution strategy.
+        with tf.GradientTape() as tape, initialization_settled():
+            tape.watch(step_input)
+            tape.watch(self.floating)
+            step_output, step_ildj = _step_inverse(step, step_input, e, kw)
+            # A parameter-free step may return a scalar log-det; the pass summed it per example.
+            step_ildj = tf.broadcast_to(step_ildj, self.batch_shape)
+        sources = [step_input, *self.variables, *self.leaf_tensors]
+        grads = tape.gradient([step_output, step_ildj], sources, output_gradients=[upstream, self.dildj])
+        self._accumulate(grads[1:])
+        upstream = tf.zeros_like(step_input) if grads[0] is None else grads[0]
+        finished = [tf.convert_to_tensor(g) for g in grads if g is not None] or [upstream]
+        return tf.stop_gradient(step_input), upstream, finished
+
+    def _accumulate(self, grads):
+        """Adds one step's gradients of the variables, then of the keyword tensors, to the running sums."""
+        n = len(self.variables)
+        for k, g in enumerate(grads[:n]):
+            if g is not None:
+                g = tf.convert_to_tensor(g)
+                self.var_grads[k] = g if self.var_grads[k] is None else self.var_grads[k] + g
+        for k, g in enumerate(grads[n:]):
+            if g is not None:
+                self.leaf_grads[k] = g if self.leaf_grads[k] is None else self.leaf_grads[k] + g
 
 
 def _static_ndims(value, step) -> int:
