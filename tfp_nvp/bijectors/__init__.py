@@ -5,7 +5,7 @@ from tfp_nvp.bijectors.actnorm import ActNorm
 from tfp_nvp.bijectors.autoregressive import InverseAutoregressive, MaskedAutoregressive
 from tfp_nvp.bijectors.conditional_affine import ConditionalAffine
 from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
-from tfp_nvp.bijectors.coupling import AffineCoupling
+from tfp_nvp.bijectors.coupling import AffineCoupling, Coupling
 from tfp_nvp.bijectors.factor_out import FactorOut, OnChannels
 from tfp_nvp.bijectors.ffjord import FFJORDFlow
 from tfp_nvp.bijectors.invertible_chain import InvertibleChain
@@ -13,11 +13,14 @@ from tfp_nvp.bijectors.leaky_relu import LeakyReLU
 from tfp_nvp.bijectors.logit import LogitTransform
 from tfp_nvp.bijectors.spline import SplineCoupling
 from tfp_nvp.bijectors.squeeze import Squeeze
+from tfp_nvp.bijectors.transformers import AffineTransformer, SplineTransformer, Transformer
 
 __all__ = [
     "ActNorm",
     "AffineCoupling",
+    "AffineTransformer",
     "ConditionalAffine",
+    "Coupling",
     "FFJORDFlow",
     "FactorOut",
     "InverseAutoregressive",
@@ -30,5 +33,7 @@ __all__ = [
     "OnChannels",
     "ParameterLayer",
     "SplineCoupling",
+    "SplineTransformer",
     "Squeeze",
+    "Transformer",
 ]

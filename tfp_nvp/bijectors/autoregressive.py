@@ -18,7 +18,7 @@ from tfp_nvp.bijectors._base import (
     check_dtype,
 )
 from tfp_nvp.bijectors._reuse import traced_only_cache
-from tfp_nvp.bijectors.coupling import LOG_SCALE_BOUNDS, _bounded_log_scale
+from tfp_nvp.bijectors.transformers import LOG_SCALE_BOUNDS, _bounded_log_scale
 
 __all__ = ["MaskedAutoregressive", "InverseAutoregressive", "DIRECTIONS"]
 

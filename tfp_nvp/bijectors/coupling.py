@@ -1,8 +1,8 @@
-"""Coupling bijectors whose conditioner is a Keras network: the shared machinery and the affine coupling."""
+"""Coupling bijectors whose conditioner is a Keras network: `Coupling`, which takes its elementwise
+transformer as an argument, and the affine coupling of RealNVP."""
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import keras
@@ -20,106 +20,122 @@ from tfp_nvp.bijectors._base import (
     check_dtype,
 )
 from tfp_nvp.bijectors._reuse import recall, remember
+from tfp_nvp.bijectors.transformers import LOG_SCALE_BOUNDS, AffineTransformer, Transformer, as_transformer
 
-__all__ = ["AffineCoupling", "VECTOR_MASKS", "IMAGE_MASKS", "LOG_SCALE_BOUNDS"]
+__all__ = ["AffineCoupling", "Coupling", "VECTOR_MASKS", "IMAGE_MASKS", "LOG_SCALE_BOUNDS"]
 
 VECTOR_MASKS = ("half", "alternate")
 IMAGE_MASKS = ("checkerboard", "channel")
-LOG_SCALE_BOUNDS = ("tanh", "sigmoid", "none")
-
-# sigmoid(h + 2) is GLOW's scale; dividing by sigmoid(2) makes h = 0 the identity, as DESIGN.md §4 asks.
-_LOG_SIGMOID_2 = -math.log1p(math.exp(-2.0))
 
 
-def _bounded_log_scale(h, bound: str, scale):
-    """The log-scale `s` of an affine transformer from its raw network output `h`, under `bound`.
+class Coupling(KerasParameterizedBijector):
+    r"""A coupling layer with a Keras conditioner network and any elementwise transformer.
 
-    `scale` is the learnable bound of `"tanh"` (a Keras variable; unused otherwise).
+    The event `x` is split by a mask into a conditioning part `x_a` and a transformed part `x_b`; a network
+    reads `x_a` and gives the parameters `theta` of a monotone scalar map `g` for every entry of `x_b`:
+
+        forward (latent -> data):  y_a = x_a,  y_b = g(x_b; theta(x_a))
+        inverse (data -> latent):  x_a = y_a,  x_b = g^{-1}(y_b; theta(y_a))
+        log|det dy/dx| = sum over x_b of log g'(x_b),   log|det dx/dy| = -sum over y_b of log g'(g^{-1}(y_b)).
+
+    The map `g` is the `transformer` (see `tfp_nvp.bijectors.Transformer`): `AffineTransformer` gives RealNVP's
+    affine coupling (`AffineCoupling`), `SplineTransformer` the neural spline coupling (`SplineCoupling`), and a
+    new family needs only a new `Transformer` subclass. Everything else is done here, the same way for every
+    transformer: masks and `flip`, building and sizing the network, conditioning, batches of any rank, and
+    reusing the network's result between a call and the log-det TFP asks for next.
+
+    Masks. Vector events `[D]`: `"half"` conditions on the first `D // 2` entries, `"alternate"` on the even
+    indices; odd `D` is fine. Image events `[H, W, C]`: `"checkerboard"` conditions on pixels with even `h + w`
+    (all channels), `"channel"` on the first `C // 2` channels. `flip=True` swaps the roles, so alternating
+    `flip` between layers transforms every entry. An explicit 0/1 array of the event shape (1 = conditioning)
+    is accepted too. Masks along the last axis hand the network `x_a` alone; the other image masks hand it
+    `x * mask` and transform the whole event, keeping the conditioning entries exactly (zero log-det there).
+
+    The network sees `x_a` with shape `[N] + network_input_shape` (batch dimensions of any rank are flattened
+    into `N`) and returns a pair named by the transformer's `labels`, each `[N] + param_shape[:-1]` with last
+    axis `param_shape[-1] * width` for the transformer's `output_widths()` (entries grouped per transformed
+    element), or one tensor holding both on its last axis (first then second). Any Keras 3 layer or model,
+    tf_keras model or plain callable works; a `tfp_nvp.networks` network with `output_units` /
+    `output_channels` left `None` is sized here. With `conditional_shape` set, the network is called as
+    `network(x_a, conditional_input=c)` and `c` reaches the bijector through
+    `bijector_kwargs={name: {"conditional_input": c}}` (see `tfp_nvp.conditional_kwargs`).
+
+    Args:
+      event_shape: `[D]` for vectors or `[H, W, C]` for images.
+      transformer: a `Transformer`, or `"affine"` / `"spline"` for `AffineTransformer()` /
+        `SplineTransformer()` with their defaults.
+      network: the conditioner; `None` builds a `DenseNetwork(hidden_units)` (vectors) or a `ConvResNet`
+        (images, `max(hidden_units)` channels), both ending in a zero-initialised layer.
+      mask, flip: which entries condition (see above).
+      hidden_units: sizes of the default network.
+      conditional_shape: `[m]` to condition the network on a context vector.
+      dtype, validate_args, name: as for every TFP bijector.
+
+    The network is built at construction and every weight, the transformer's own included, is visible to both
+    TFP (`trainable_variables`) and Keras (`keras_layers`, tracked by `tfp_nvp.FlowModel`).
+
+    Example:
+      >>> bij = Coupling([4], SplineTransformer(num_bins=8, bound=3.0), mask="alternate", hidden_units=(64, 64))
+      >>> y = bij.forward(tf.random.normal([10, 4]))
     """
-    if bound == "tanh":
-        return tf.cast(scale.value, h.dtype) * tf.tanh(h)
-    if bound == "sigmoid":
-        # GLOW bounds the scale of the data -> latent pass (TFP's inverse), so a training step cannot blow an
-        # activation up through a layer: a flow that bounded the sampling direction instead diverged to an
-        # infinite latent on an ordinary training image (digits, 22 epochs). tf.constant, not a cast: casting a
-        # Python float goes through float32 and would round it.
-        return tf.constant(_LOG_SIGMOID_2, h.dtype) - tf.math.log_sigmoid(h + 2.0)
-    return h
 
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        transformer: Transformer | str,
+        network: keras.layers.Layer | Callable | None = None,
+        mask: str | np.ndarray = "half",
+        flip: bool = False,
+        hidden_units: Sequence[int] = (128, 128),
+        conditional_shape: Sequence[int] | None = None,
+        dtype=tf.float32,
+        validate_args: bool = False,
+        name: str = "coupling",
+    ):
+        parameters = dict(locals())
+        transformer = as_transformer(transformer)
+        parameters["transformer"] = transformer
+        self._setup(parameters, transformer)
 
-class _Coupling(KerasParameterizedBijector):
-    """What every coupling shares; a subclass supplies only its elementwise transformer.
-
-    Shared here: masks and `flip`, building and sizing the network through a `NetworkContract`, conditioning
-    and its checks, batches of any rank, splitting and merging the event, and the per-trace log-det memo.
-    A subclass sets `_labels` (names of the network's two outputs) and implements:
-
-    * `_output_widths()`: how many values of each output one transformed element needs (`(1, 1)` for affine);
-    * `_add_parameters(holder)`: its own weights on the `ParameterLayer` `holder`, if any;
-    * `_transformer(first, second)`: the transformer's parameters from the network's pair, each shaped
-      `batch + param_shape[:-1] + (param_shape[-1] * width,)`;
-    * `_transform(b, params, inverse)`: the transformed part and its elementwise log-det in the direction of the
-      call (`forward`: log|dy/dx|, `inverse`: log|dx/dy|);
-    * `_log_det(b, params, inverse)`: that log-det alone.
-
-    With a spatial mask `b` is the whole event: the transformer must leave the conditioning entries unchanged,
-    with zero log-det there.
-    """
-
-    _labels: tuple[str, str] = ("first", "second")
-
-    def __init__(self, event_shape, network, mask, flip, hidden_units, conditional_shape, dtype, validate_args,
-                 name, parameters):
-        event_shape = as_shape(event_shape, "event_shape", rank=(1, 3))
-        dtype = as_float_dtype(dtype)
+    def _setup(self, parameters: dict, transformer: Transformer):
+        """Builds the coupling from its constructor's `parameters` (what TFP keeps) and its transformer."""
+        p = parameters
+        event_shape = as_shape(p["event_shape"], "event_shape", rank=(1, 3))
+        dtype = as_float_dtype(p["dtype"])
         self._event_shape_ = event_shape
-        self._flip = bool(flip)
+        self._transformer = transformer
+        self._flip = bool(p["flip"])
+        conditional_shape = p["conditional_shape"]
         self._conditional_shape = (
             None if conditional_shape is None else as_shape(conditional_shape, "conditional_shape", rank=1)
         )
-        with tf.name_scope(name) as name:
-            self._setup_mask(mask, event_shape)
-            widths = self._output_widths()
+        with tf.name_scope(p["name"]) as name:
+            self._setup_mask(p["mask"], event_shape)
+            widths = tuple(transformer.output_widths())
             n = self._param_shape[-1]
             self._contract = NetworkContract(
-                self._network_input_shape, self._param_shape, self._labels, self._conditional_shape,
-                output_widths=None if tuple(widths) == (1, 1) else (n * widths[0], n * widths[1]),
+                self._network_input_shape, self._param_shape, tuple(transformer.labels), self._conditional_shape,
+                output_widths=None if widths == (1, 1) else (n * widths[0], n * widths[1]),
             )
-            network = self._setup_network(network, hidden_units, dtype, name)
+            network = self._setup_network(p["network"], p["hidden_units"], dtype, name)
             holder = ParameterLayer(name=f"{name.rstrip('/')}_params", dtype=dtype.name)
-            self._add_parameters(holder)
+            transformer.add_weights(holder, self._param_shape)
             self._holder = holder
             self._network = network
             self._contract.check(self._call_network, dtype)
             # TFP keys its cache on `parameters`: the network and the parameter layer are unique per
             # instance, so two equal-config couplings never return each other's cached results.
-            parameters["network"] = network
-            parameters["parameter_layer"] = holder
+            p["network"] = network
+            p["parameter_layer"] = holder
             self._track_layers([network, holder])
             super().__init__(
                 forward_min_event_ndims=len(event_shape),
                 is_constant_jacobian=False,
-                validate_args=validate_args,
-                parameters=parameters,
+                validate_args=p["validate_args"],
+                parameters=p,
                 dtype=dtype,
                 name=name,
             )
-
-    # ----------------------------------------------------------------------------------------- subclass hooks
-    def _output_widths(self) -> tuple[int, int]:
-        raise NotImplementedError
-
-    def _add_parameters(self, holder) -> None:
-        """Adds the transformer's own weights to `holder` (none by default)."""
-
-    def _transformer(self, first, second):
-        raise NotImplementedError
-
-    def _transform(self, b, params, inverse: bool):
-        raise NotImplementedError
-
-    def _log_det(self, b, params, inverse: bool):
-        raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------- setup
     def _setup_mask(self, mask, event_shape):
@@ -196,6 +212,11 @@ class _Coupling(KerasParameterizedBijector):
         return self._network(x_a, conditional_input=conditional_input)
 
     # ----------------------------------------------------------------------------------------- properties
+    @property
+    def transformer(self) -> Transformer:
+        """The elementwise map applied to the transformed part."""
+        return self._transformer
+
     @property
     def network(self):
         """The conditioner network."""
@@ -290,7 +311,31 @@ class _Coupling(KerasParameterizedBijector):
         return first, second
 
     def _params_of(self, x_a, conditional_input):
-        return self._transformer(*self._network_outputs(x_a, conditional_input))
+        """The transformer's parameters for the transformed part, from the network run on `x_a`."""
+        first, second = self._network_outputs(x_a, conditional_input)
+        if not self._gather:
+            # Conditioning entries get zero raw parameters (the identity for the default transformers), so no
+            # value the network gives there can reach the result or its gradient as an overflow.
+            first, second = (t * tf.constant(free, t.dtype) for t, free in zip((first, second), self._free_outputs()))
+        return self._transformer.params(first, second, self._holder)
+
+    def _free_outputs(self):
+        """Per network output, 1 where it parameterises a transformed entry of a spatial mask, else 0."""
+        return [np.repeat(~self._keep, w, axis=-1) for w in self._transformer.output_widths()]
+
+    def _transform(self, b, params, inverse: bool, with_output: bool = True):
+        """The transformed part and its elementwise log-det in the direction of the call (log-det alone without
+        `with_output`); with a spatial mask the conditioning entries come back exactly, with zero log-det."""
+        t = self._transformer
+        if with_output:
+            out, log_det = t.inverse(b, params) if inverse else t.forward(b, params)
+        else:
+            out, log_det = None, t.inverse_log_det(b, params) if inverse else t.forward_log_det(b, params)
+        if self._gather:
+            return out, log_det
+        keep = tf.constant(self._keep)
+        out = None if out is None else tf.where(keep, b, out)
+        return out, tf.where(keep, tf.zeros_like(log_det), log_det)
 
     def _reduce_event(self, t):
         return tf.reduce_sum(t, axis=list(range(-len(self._event_shape_), 0)))
@@ -339,7 +384,8 @@ class _Coupling(KerasParameterizedBijector):
         log_det = self._recall(t, side, conditional_input)
         if log_det is None:
             a, b = self._split(checked)
-            log_det = self._reduce_event(self._log_det(b, self._params_of(a, conditional_input), inverse))
+            params = self._params_of(a, conditional_input)
+            log_det = self._reduce_event(self._transform(b, params, inverse, with_output=False)[1])
         return log_det
 
     def _forward_log_det_jacobian(self, x, conditional_input=None):
@@ -349,7 +395,7 @@ class _Coupling(KerasParameterizedBijector):
         return self._log_det_at(y, "y", "y", conditional_input, inverse=True)
 
 
-class AffineCoupling(_Coupling):
+class AffineCoupling(Coupling):
     r"""RealNVP affine coupling (Dinh et al., 2017) with a Keras conditioner network.
 
     The event `x` is split by a mask into a conditioning part `x_a` and a transformed part `x_b`:
@@ -358,6 +404,7 @@ class AffineCoupling(_Coupling):
         inverse (data -> latent):  x_a = y_a,  x_b = (y_b - t(y_a)) * exp(-s(y_a))
         log|det dy/dx| = sum(s(x_a))  over the event,   and   log|det dx/dy| = -sum(s(y_a)).
 
+    It is `Coupling(event_shape, AffineTransformer(log_scale_bound), ...)` under its own name and defaults.
     The log-scale is bounded: `"tanh"` gives `s = scale * tanh(h)` with a learnable per-dimension (per-channel
     for images) `scale` (RealNVP paper); `"sigmoid"` is GLOW's bounded scale, `s = log sigmoid(2) -
     log sigmoid(h + 2)`: as in GLOW, the data -> latent pass multiplies `x_b` by `sigmoid(h + 2)` (divided by
@@ -386,8 +433,6 @@ class AffineCoupling(_Coupling):
       >>> y = bij.forward(tf.random.normal([10, 2]))
     """
 
-    _labels = ("shift", "log_scale")
-
     def __init__(
         self,
         event_shape: Sequence[int],
@@ -402,39 +447,9 @@ class AffineCoupling(_Coupling):
         name: str = "affine_coupling",
     ):
         parameters = dict(locals())
-        if log_scale_bound not in LOG_SCALE_BOUNDS:
-            raise ValueError(f"`log_scale_bound` must be one of {LOG_SCALE_BOUNDS}; got {log_scale_bound!r}.")
-        self._log_scale_bound = log_scale_bound
-        super().__init__(event_shape, network, mask, flip, hidden_units, conditional_shape, dtype, validate_args,
-                         name, parameters)
-
-    def _output_widths(self):
-        return (1, 1)
-
-    def _add_parameters(self, holder):
-        if self._log_scale_bound == "tanh":
-            scale_shape = self._param_shape[-1:] if len(self._event_shape_) == 3 else self._param_shape
-            holder.add("scale", scale_shape, "ones")
+        self._setup(parameters, AffineTransformer(log_scale_bound))
 
     @property
     def scale(self):
         """The learnable bound of the `"tanh"` log-scale, or `None`."""
         return getattr(self._holder, "scale", None)
-
-    def _transformer(self, shift, h):
-        """(shift, log_scale) with the log-scale bounded, both zero on the conditioning entries of a spatial mask."""
-        log_scale = _bounded_log_scale(h, self._log_scale_bound, self.scale)
-        if not self._gather:
-            free = tf.constant(~self._keep, h.dtype)
-            shift, log_scale = shift * free, log_scale * free
-        return shift, log_scale
-
-    def _transform(self, b, params, inverse):
-        shift, log_scale = params
-        if inverse:
-            neg = -log_scale
-            return (b - shift) * tf.exp(neg), neg
-        return b * tf.exp(log_scale) + shift, log_scale
-
-    def _log_det(self, b, params, inverse):
-        return -params[1] if inverse else params[1]

@@ -2,63 +2,19 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Callable, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow_probability import bijectors as tfb
 
-from tfp_nvp._compat import in_xla_context
-from tfp_nvp.bijectors.coupling import _Coupling
+from tfp_nvp.bijectors.coupling import Coupling
+from tfp_nvp.bijectors.transformers import SplineTransformer
 
 __all__ = ["SplineCoupling"]
 
 
-def _rq_spline_ops(flat, widths, heights, knot_slopes, bound, inverse, with_output):
-    """TFP's spline (or its inverse) at `flat` and its elementwise log-det; every argument but `flat` is per element."""
-    spline = tfb.RationalQuadraticSpline(widths, heights, knot_slopes, range_min=tf.constant(-bound, widths.dtype))
-    if inverse:
-        out = spline.inverse(flat) if with_output else None
-        log_det = spline.inverse_log_det_jacobian(flat, event_ndims=0)
-    else:
-        out = spline.forward(flat) if with_output else None
-        log_det = spline.forward_log_det_jacobian(flat, event_ndims=0)
-    return out, log_det
-
-
-# TFP's spline is a large graph (about 2200 ops in its gradient alone), and a flow stacks many couplings of
-# identical shapes. As one traced function, the spline and its gradient are built once per shape and dtype and
-# called by every coupling, instead of being rebuilt in each: the two-moons spline recipe's first epoch (its
-# training and validation traces) fell from 28-31 s to 16-17 s, and later epochs got faster too (fewer graph
-# nodes to schedule). XLA must not see the shared function: a digits GLOW with spline couplings under
-# `jit_compile=True` took 107 s instead of 15 s for its first epoch and 150 s instead of 0.24 s for the next
-# (measured). Inside a jit-compiled trace (`in_xla_context()`) the spline's ops are written inline, as XLA
-# compiles the whole step anyway.
-_rq_spline = tf.function(_rq_spline_ops, autograph=False, reduce_retracing=True)
-
-
-def _check_real(value, name: str, low: float | None = None, high: float | None = None,
-                low_open: bool = True, high_open: bool = True) -> float:
-    """`value` as a float, or a ValueError naming `name` and the allowed interval."""
-    interval = (f"{'(' if low_open else '['}{'-inf' if low is None else low}, "
-                f"{'inf' if high is None else high}{')' if high_open else ']'}")
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
-        raise ValueError(f"`{name}` must be a real number in {interval}; got {value!r}.")
-    value = float(value)
-    ok = math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        raise ValueError(f"`{name}` must be a finite number in {interval}; got {value!r}.")
-    return value
-
-
-class SplineCoupling(_Coupling):
+class SplineCoupling(Coupling):
     r"""Neural spline coupling (Durkan et al., 2019): a monotone rational-quadratic spline per element.
 
     The event is split by a mask into a conditioning part `x_a` and a transformed part `x_b`, exactly as in
@@ -79,7 +35,9 @@ class SplineCoupling(_Coupling):
         slopes  = min_slope + softplus(u_s + log(expm1(1 - min_slope)))
 
     so a zero network output gives uniform bins and unit slopes: the identity. The networks of
-    `tfp_nvp.networks` end in a zero-initialised layer, so a fresh coupling is exactly the identity.
+    `tfp_nvp.networks` end in a zero-initialised layer, so a fresh coupling is exactly the identity. It is
+    `Coupling(event_shape, SplineTransformer(num_bins, bound, min_bin_width, min_slope), ...)` under its own
+    name and defaults.
 
     The network sees `x_a` with shape `[N] + network_input_shape` and returns `(bins, slopes)` with last axes
     `param_shape[-1] * 2 * num_bins` and `param_shape[-1] * (num_bins - 1)` (leading axes `param_shape[:-1]`),
@@ -109,8 +67,6 @@ class SplineCoupling(_Coupling):
       >>> y = bij.forward(tf.random.normal([10, 2]))
     """
 
-    _labels = ("bins", "slopes")
-
     def __init__(
         self,
         event_shape: Sequence[int],
@@ -128,79 +84,16 @@ class SplineCoupling(_Coupling):
         name: str = "spline_coupling",
     ):
         parameters = dict(locals())
-        if isinstance(num_bins, bool) or not isinstance(num_bins, (numbers.Integral, float)) \
-                or int(num_bins) != num_bins or num_bins < 2:
-            # One bin spanning [-bound, bound] with unit end slopes is the identity: nothing to learn.
-            raise ValueError(f"`num_bins` must be an integer >= 2; got {num_bins!r}.")
-        self._num_bins = int(num_bins)
-        self._bound = _check_real(bound, "bound", low=0.0)
-        self._min_bin_width = _check_real(min_bin_width, "min_bin_width", low=0.0,
-                                          high=2.0 * self._bound / self._num_bins, low_open=False)
-        self._min_slope = _check_real(min_slope, "min_slope", low=0.0, high=1.0, low_open=False)
-        # softplus(c) = 1 - min_slope, so a zero network output gives slope exactly 1 (the identity).
-        self._slope_offset = math.log(math.expm1(1.0 - self._min_slope))
-        super().__init__(event_shape, network, mask, flip, hidden_units, conditional_shape, dtype, validate_args,
-                         name, parameters)
+        transformer = SplineTransformer(num_bins=num_bins, bound=bound, min_bin_width=min_bin_width,
+                                        min_slope=min_slope)
+        self._setup(parameters, transformer)
 
-    # ----------------------------------------------------------------------------------------- properties
     @property
     def num_bins(self) -> int:
         """Number of spline bins per transformed element."""
-        return self._num_bins
+        return self.transformer.num_bins
 
     @property
     def bound(self) -> float:
         """Half-width of the interval `[-bound, bound]` the splines act on; the identity outside it."""
-        return self._bound
-
-    # ----------------------------------------------------------------------------------------- transformer
-    def _output_widths(self):
-        return (2 * self._num_bins, self._num_bins - 1)
-
-    def _transformer(self, bins, slopes):
-        """Bin widths and heights `[..., n, K]` and interior knot slopes `[..., n, K - 1]` per element."""
-        k = self._num_bins
-        n = self._param_shape[-1]
-        head = tf.shape(bins)[:-1]
-        bins = tf.reshape(bins, tf.concat([head, [n, 2 * k]], 0))
-        slopes = tf.reshape(slopes, tf.concat([head, [n, k - 1]], 0))
-        if not self._gather:
-            # Conditioning entries get a zero output, i.e. the identity spline (the merge also keeps them exact).
-            free = tf.constant(~self._keep[..., None], bins.dtype)
-            bins, slopes = bins * free, slopes * free
-        dtype = bins.dtype
-        span = tf.constant(2.0 * self._bound - k * self._min_bin_width, dtype)
-        smallest = tf.constant(self._min_bin_width, dtype)
-        widths = smallest + span * tf.math.softmax(bins[..., :k], axis=-1)
-        heights = smallest + span * tf.math.softmax(bins[..., k:], axis=-1)
-        knot_slopes = tf.constant(self._min_slope, dtype) + tf.math.softplus(
-            slopes + tf.constant(self._slope_offset, dtype))
-        return widths, heights, knot_slopes
-
-    def _spline_call(self, b, params, inverse, with_output):
-        """The spline (or its inverse) at `b` and its elementwise log-det in the direction of the call.
-
-        Every element is one independent spline, so the batch and event axes are flattened into one before TFP
-        sees them: its bin search gathers with `batch_dims = rank - 1`, whose gradient costs graph ops per batch
-        axis (measured: fewer ops and faster tracing than with the natural shape).
-        """
-        # A conditional input may carry more batch dimensions than `b`; the parameters have the broadcast ones.
-        b = tf.broadcast_to(b, tf.shape(params[0])[:-1])
-        widths, heights, knot_slopes = (tf.reshape(p, [-1, p.shape[-1]]) for p in params)
-        flat = tf.reshape(b, [-1])
-        spline = _rq_spline_ops if in_xla_context() else _rq_spline
-        out, log_det = spline(flat, widths, heights, knot_slopes, self._bound, inverse, with_output)
-        shape = tf.shape(b)
-        log_det = tf.reshape(log_det, shape)
-        if self._gather:
-            return (None if out is None else tf.reshape(out, shape)), log_det
-        # Spatial masks: the conditioning entries got the identity spline; keep them exact with zero log-det.
-        keep = tf.constant(self._keep)
-        out = None if out is None else tf.where(keep, b, tf.reshape(out, shape))
-        return out, tf.where(keep, tf.zeros_like(log_det), log_det)
-
-    def _transform(self, b, params, inverse):
-        return self._spline_call(b, params, inverse, with_output=True)
-
-    def _log_det(self, b, params, inverse):
-        return self._spline_call(b, params, inverse, with_output=False)[1]
+        return self.transformer.bound
