@@ -74,8 +74,8 @@ RECIPES = {
     "package-e150": dict(package=True, epochs=150),
     # the proposed README quick start, verbatim in spirit (see run_quickstart)
     "quickstart": dict(quickstart=True),
-    # the README quick start with Keras' own Adam in place of compile()'s default tfp_nvp.FusedAdam (the same
-    # update rule; FusedAdam runs it as one op per weight)
+    # the README quick start with Keras' own Adam (compile()'s default) in place of the quick start's
+    # tfp_nvp.FusedAdam (the same update rule; FusedAdam runs it as one op per weight)
     "quickstart-noise0.03-kerasadam": dict(quickstart=True, noise=0.03, keras_adam=True),
     # the quick start's loop on spline_flow([2]): its builder defaults (4 spline couplings of (128, 128)), and
     # the layout of examples/two_moons.py's spline recipe (8 couplings of (64, 64))
