@@ -9,7 +9,9 @@ from tfp_nvp import data, images, networks, nn  # noqa: E402
 from tfp_nvp.bijectors import (  # noqa: E402
     ActNorm,
     AffineCoupling,
+    AffineTransformer,
     ConditionalAffine,
+    Coupling,
     FactorOut,
     InverseAutoregressive,
     Invertible1x1Conv,
@@ -19,7 +21,9 @@ from tfp_nvp.bijectors import (  # noqa: E402
     MaskedAutoregressive,
     OnChannels,
     SplineCoupling,
+    SplineTransformer,
     Squeeze,
+    Transformer,
 )
 from tfp_nvp.flows import (  # noqa: E402
     ConditionedFlow,
@@ -51,7 +55,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ActNorm",
     "AffineCoupling",
+    "AffineTransformer",
     "ConditionalAffine",
+    "Coupling",
     "ConditionedFlow",
     "FactorOut",
     "FlowLayer",
@@ -66,7 +72,9 @@ __all__ = [
     "NegativeLogLikelihood",
     "OnChannels",
     "SplineCoupling",
+    "SplineTransformer",
     "Squeeze",
+    "Transformer",
     "WarmupCosineDecay",
     "condition",
     "conditional_kwargs",

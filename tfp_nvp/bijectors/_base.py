@@ -10,9 +10,7 @@ import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
 
 from tfp_nvp import nn
-# Result reuse lives in `_reuse`; `one_call` and `cache_in_traces_only` are re-exported for the flows and the
-# surrogates, which import them from here.
-from tfp_nvp.bijectors._reuse import TracedOnlyCache, cache_in_traces_only, one_call  # noqa: F401
+from tfp_nvp.bijectors._reuse import TracedOnlyCache
 
 __all__ = ["KerasParameterizedBijector", "NetworkContract", "ParameterLayer", "as_float_dtype", "as_shape",
            "assert_finite", "check_dtype", "check_event"]

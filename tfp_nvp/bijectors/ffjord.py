@@ -7,9 +7,7 @@ The flow maps a latent `z` to data `x` by integrating `dh/dt = f(h, t)` from `t 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp

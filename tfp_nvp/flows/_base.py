@@ -9,7 +9,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_nvp._compat import TransformedDistribution, split_distribution_kwargs
-from tfp_nvp.bijectors._base import as_shape, cache_in_traces_only, check_dtype, check_event, one_call
+from tfp_nvp.bijectors._base import as_shape, check_dtype, check_event
+from tfp_nvp.bijectors._reuse import cache_in_traces_only, one_call
 from tfp_nvp.bijectors.invertible_chain import InvertibleChain
 
 tfb, tfd = tfp.bijectors, tfp.distributions

@@ -16,7 +16,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_nvp._compat import TransformedDistribution, flat_part_names
-from tfp_nvp.bijectors._base import cache_in_traces_only, one_call
+from tfp_nvp.bijectors._reuse import cache_in_traces_only, one_call
 from tfp_nvp.flows import BUILDERS
 
 tfb, tfd = tfp.bijectors, tfp.distributions
