@@ -12,9 +12,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 __all__ = [
-    "UPSTREAM", "BijectorCache", "BijectorCacheWithGreedyAttrs", "Chain", "TransformedDistribution",
-    "flat_part_names", "in_xla_context", "is_injective", "recording_gradients", "split_distribution_kwargs",
-    "set_distribution_kwargs_split", "stop_recording",
+    "UPSTREAM", "Chain", "TransformedDistribution", "drop_eager_entries", "flat_part_names", "gated_cache_types", "in_xla_context", "is_injective", "recording_gradients", "split_distribution_kwargs",
+    "set_distribution_kwargs_split", "set_distribution_parameters", "stop_recording", "use_gated_cache",
 ]
 
 # upstream symbol -> what tfp_nvp uses it for. Private attributes are written `Class._attribute`.
@@ -74,12 +73,74 @@ TransformedDistribution = _private(
     "the base of the builders' flows and the surrogate posteriors: it is the class `tfd.TransformedDistribution(...)` "
     "returns for bijectors that are not CompositeTensors (ours are not); subclassing the public name makes the flow "
     "a CompositeTensor that cannot build its type spec"))
-BijectorCache = _private("tensorflow_probability.python.internal.cache_util.BijectorCache", (
+_BijectorCache = _private("tensorflow_probability.python.internal.cache_util.BijectorCache", (
     "restricting TFP's bijector cache to traced calls and single eager scoring calls (tfp_nvp.bijectors._reuse). "
     "TFP has no public switch for its cache, which returns results computed before a weight update to eager code"))
-BijectorCacheWithGreedyAttrs = _private(
+_GreedyBijectorCache = _private(
     "tensorflow_probability.python.internal.cache_util.BijectorCacheWithGreedyAttrs",
     "the same restriction for bijectors that compute their log-det with their output (FFJORD, autoregressive)")
+UPSTREAM["BijectorCache._lookup"] = "where the gated cache decides whether TFP may answer from its storage"
+UPSTREAM["BijectorCache._attributes"] = "where the gated cache decides whether TFP may read a stored log-det"
+UPSTREAM["BijectorCache._invoke"] = "how the gated cache computes a result without storing it"
+UPSTREAM["BijectorCache.storage"] = "the entries the gated cache drops when an eager scoring call ends"
+UPSTREAM["BijectorCache._forward_name"] = "copying a bijector's cache configuration into its gated replacement"
+UPSTREAM["BijectorCache._inverse_name"] = "copying a bijector's cache configuration into its gated replacement"
+UPSTREAM["tfb.Bijector._cache"] = (
+    "the class attribute through which a TFP bijector picks its cache: this package's bijectors set the gated "
+    "one, and the TFP containers a flow is built from get it swapped in (cache_in_traces_only)")
+UPSTREAM["BijectorCacheWithGreedyAttrs._invoke"] = (
+    "calls the bijector method named by the cache's `forward_name` / `inverse_name` (our `_augmented_forward` / "
+    "`_augmented_inverse`) and keeps the attributes it returns with the output, so FFJORD's ODE solve and the "
+    "autoregressive layers' sequential pass give the log-det with the output, computed once")
+UPSTREAM["tfb.Bijector._sum_fn"] = (
+    "TFP sums every log-det over the event axes beyond a bijector's own with it, even over none; skipping that "
+    "empty sum removes a dozen shape ops a layer from every traced training step")
+
+
+def gated_cache_types(allowed, on_use):
+    """TFP's bijector cache, plain and greedy, consulted only while `allowed()`; `on_use(storage)` on each use.
+
+    Outside `allowed()` a lookup computes its result without storing it and a log-det lookup finds nothing, so
+    TFP computes afresh. Instances go into a bijector class's `_cache` attribute, or replace an instance's
+    (`use_gated_cache`).
+    """
+
+    class GatedCache(_BijectorCache):
+        def _lookup(self, input, forward_name, inverse_name, **kwargs):  # noqa: A002 (TFP's signature)
+            if not allowed():
+                return self._invoke(input, forward_name, kwargs, {})
+            on_use(self.storage)
+            return super()._lookup(input, forward_name, inverse_name, **kwargs)
+
+        def _attributes(self, input, fn_name, **kwargs):  # noqa: A002
+            if not allowed():
+                return {}
+            on_use(self.storage)
+            return super()._attributes(input, fn_name, **kwargs)
+
+    class GatedGreedyCache(GatedCache, _GreedyBijectorCache):
+        """For bijectors whose `_augmented_forward`/`_augmented_inverse` give the log-det with the output."""
+
+    return GatedCache, GatedGreedyCache
+
+
+def drop_eager_entries(storage) -> None:
+    """Removes the entries of a cache's `storage` that hold eager tensors."""
+    for key in list(storage.keys()):
+        if key.alive and any(tf.is_tensor(t) and not tf.is_symbolic_tensor(t) for t in tf.nest.flatten(key())):
+            key.cancel()
+            storage.pop(key, None)
+
+
+def use_gated_cache(bijector, cache_types) -> None:
+    """Gives `bijector` the gated cache of `cache_types` (plain, greedy) of the kind it has, unless it has one."""
+    plain, greedy = cache_types
+    current = bijector._cache  # noqa: SLF001 - see UPSTREAM
+    if isinstance(current, plain):
+        return
+    cls = greedy if isinstance(current, _GreedyBijectorCache) else plain
+    bijector._cache = cls(forward_name=current._forward_name, inverse_name=current._inverse_name,  # noqa: SLF001
+                          bijector=bijector, bijector_class=type(bijector))
 
 UPSTREAM["tfb.Bijector._is_injective"] = (
     "InvertibleChain refuses non-injective steps; TFP exposes injectivity only through this attribute")
@@ -106,6 +167,17 @@ def split_distribution_kwargs(distribution, kwargs: dict):
 def set_distribution_kwargs_split(distribution, split) -> None:
     """Makes `distribution` split its keyword arguments with `split(kwargs) -> (dist_kwargs, bijector_kwargs)`."""
     distribution._kwargs_split_fn = split  # noqa: SLF001 - see UPSTREAM
+
+
+UPSTREAM["tfd.Distribution._parameters"] = (
+    "what a distribution's public `parameters` returns: ConditionedFlow reports the arguments it was built "
+    "with, not those of the transformed distribution it initialises itself as")
+UPSTREAM["tf.Module._no_dependency"] = "keeps that dict of arguments out of tf.Module's tracking of variables"
+
+
+def set_distribution_parameters(distribution, parameters: dict) -> None:
+    """Makes `distribution.parameters` return `parameters`, untracked by tf.Module."""
+    distribution._parameters = distribution._no_dependency(parameters)  # noqa: SLF001 - see UPSTREAM
 
 
 def flat_part_names(joint_distribution) -> list[str]:

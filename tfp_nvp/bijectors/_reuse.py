@@ -30,7 +30,7 @@ import weakref
 import tensorflow as tf
 from tensorflow_probability import bijectors as tfb
 
-from tfp_nvp._compat import BijectorCache, BijectorCacheWithGreedyAttrs
+from tfp_nvp._compat import drop_eager_entries, gated_cache_types, use_gated_cache
 
 __all__ = ["cache_in_traces_only", "one_call", "recall", "remember", "reuse_allowed", "traced_only_cache"]
 
@@ -194,35 +194,12 @@ def recall(owner, tensor, key=None):
 
 
 # ------------------------------------------------------------------------------------------------ TFP's cache
-def _drop_eager_entries(storage) -> None:
-    for key in list(storage.keys()):
-        if key.alive and any(tf.is_tensor(t) and not tf.is_symbolic_tensor(t) for t in tf.nest.flatten(key())):
-            key.cancel()
-            storage.pop(key, None)
+def _note_eager_use(storage) -> None:
+    # A cache consulted eagerly inside a scoring call forgets that call's entries when the call ends.
+    _forget_after_call(("cache", id(storage)), lambda: drop_eager_entries(storage))
 
 
-class TracedOnlyCache(BijectorCache):
-    """TFP's bijector cache, consulted only where `reuse_allowed()`: while tracing, or within one eager call."""
-
-    def _note_eager_use(self):
-        storage = self.storage
-        _forget_after_call(("cache", id(storage)), lambda: _drop_eager_entries(storage))
-
-    def _lookup(self, input, forward_name, inverse_name, **kwargs):  # noqa: A002 (TFP's signature)
-        if not reuse_allowed():
-            return self._invoke(input, forward_name, kwargs, {})
-        self._note_eager_use()
-        return super()._lookup(input, forward_name, inverse_name, **kwargs)
-
-    def _attributes(self, input, fn_name, **kwargs):  # noqa: A002
-        if not reuse_allowed():
-            return {}
-        self._note_eager_use()
-        return super()._attributes(input, fn_name, **kwargs)
-
-
-class TracedOnlyGreedyCache(TracedOnlyCache, BijectorCacheWithGreedyAttrs):
-    """The same, for bijectors whose `_augmented_forward`/`_augmented_inverse` return the log-det with the output."""
+TracedOnlyCache, TracedOnlyGreedyCache = gated_cache_types(reuse_allowed, _note_eager_use)
 
 
 def traced_only_cache(forward_name: str = "_forward", inverse_name: str = "_inverse", greedy: bool = False):
@@ -241,8 +218,5 @@ def cache_in_traces_only(bijector) -> None:
     their bijector.
     """
     for b in (bijector, *bijector.submodules):
-        if isinstance(b, tfb.Bijector) and not isinstance(b._cache, TracedOnlyCache):
-            current = b._cache
-            cls = TracedOnlyGreedyCache if isinstance(current, BijectorCacheWithGreedyAttrs) else TracedOnlyCache
-            b._cache = cls(forward_name=current._forward_name, inverse_name=current._inverse_name,
-                           bijector=b, bijector_class=type(b))
+        if isinstance(b, tfb.Bijector):
+            use_gated_cache(b, (TracedOnlyCache, TracedOnlyGreedyCache))

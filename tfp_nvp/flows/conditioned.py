@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
-from tfp_nvp._compat import set_distribution_kwargs_split
+from tfp_nvp._compat import set_distribution_kwargs_split, set_distribution_parameters
 from tfp_nvp.flows._base import _Flow
 from tfp_nvp.flows.routing import conditional_kwargs, flow_bijectors
 
@@ -81,7 +81,7 @@ class ConditionedFlow(_Flow):
             base = tfd.BatchBroadcast(base, tf.shape(context)[:-1] if not context.shape[:-1].is_fully_defined()
                                       else context.shape[:-1])
         super().__init__(base, flow.bijector, support=flow._support, validate_args=validate_args, name=name)
-        self._parameters = self._no_dependency(parameters)
+        set_distribution_parameters(self, parameters)
         bound = conditional_kwargs(flow, context)
 
         def split(kwargs):
