@@ -230,7 +230,7 @@ SLOW = (
     "test_invertible_backprop.py::test_training_step_memory_stays_flat_in_depth_under_tf_function",
     "test_export.py::test_serving_process_had_only_tensorflow",
     "test_resume.py::test_backup_and_restore_resumes_to_the_uninterrupted_weights",
-    # single tests of 6-21 s (spline graphs, ODE solves, two-level GLOWs under autodiff)
+    # single tests of 6-21 s (spline graphs, ODE solves, two-level GLOWs under autodiff), measured on 2 cores
     "test_properties.py::test_spline_coupling", "test_properties.py::test_spline_flow_vector",
     "test_ffjord.py::test_fit_moves_every_weight_and_samples",
     "test_ffjord.py::test_log_prob_matches_autodiff_jacobian_of_the_ode_map",
@@ -238,6 +238,28 @@ SLOW = (
     "test_squeeze_factor_out.py::test_two_level_glow_is_exact",
     "test_spline.py::test_couplings_share_one_traced_spline_and_xla_gets_it_inline",
     "test_invertible_backprop.py::test_float32_gradients_equal_standard_backprop[xla]",
+    # tests of 2-6 s each (float64 autodiff Jacobians of splines, ODE solves, short fits)
+    "test_transformers.py::test_round_trips_and_log_dets_match_autodiff[spline",
+    "test_transformers.py::test_gradients_reach_every_weight_and_both_doors_agree[spline",
+    "test_spline.py::test_image_log_dets_match_autodiff", "test_spline.py::test_vector_log_dets_match_autodiff",
+    "test_spline.py::test_tfp_vi_trains_every_variable",
+    "test_ffjord.py::test_log_prob_matches_jacobian_of_the_map_and_round_trip",
+    "test_ffjord.py::test_hutchinson_estimate_is_unbiased",
+    "test_invertible_backprop.py::test_float64_gradients_and_log_prob_equal_standard_backprop[spline",
+    "test_invertible_backprop.py::test_float32_gradients_equal_standard_backprop[function]",
+    "test_vi.py::test_neutra_chain_moments_match_a_target_with_known_moments",
+    "test_eager_reuse.py::test_eager_scores_of_held_tensors_follow_weight_updates[ffjord]",
+    "test_eager_reuse.py::test_ffjord_integrates_once_per_log_prob",
+    "test_eager_reuse.py::test_eager_scores_of_held_tensors_follow_weight_updates[glow",
+    "test_properties.py::test_glow", "test_properties.py::test_on_channels",
+    "test_glow_conditional.py::test_fit_with_dict_inputs_moves_every_weight",
+    "test_optimizers.py::test_keeps_keras_features_around_the_update",
+    "test_data.py::test_entropy_grid_converges",
+    "test_squeeze_factor_out.py::test_glow_both_doors_and_fit_moves_every_weight",
+    "test_autoregressive.py::test_iaf_surrogate_approaches_a_correlated_gaussian",
+    "test_keras_model.py::test_weight_penalty_validation_split_and_callbacks",
+    "test_glow.py::test_eager_equals_xla_float32",
+    "test_layers.py::test_fit_with_the_added_loss_moves_every_weight_and_the_keras_file_reloads_exactly",
 )
 # `compat`: saving, loading, resuming, fitting, exporting, and every bijector's round trip and log-det. CI also
 # runs these in a second environment with the oldest dependency versions setup.cfg declares (.ci/run).
