@@ -214,7 +214,7 @@ def cache_in_traces_only(bijector) -> None:
     This package's bijectors choose their own (traced-only) caches; the TFP containers a flow is built from
     cache too, and a chain keeps `inverse(x)` for as long as the caller holds `x` (a sample kept for a later
     plot), across a weight update. TFP bijectors that return their log-det with their output (`tfb.FFJORD`)
-    keep doing so, within the same limits. The builders' flows and the surrogates of `tfp_nvp.vi` call this on
+    keep doing so, within the same limits. The builders' flows and the surrogates of `tfp_nvp.inference` call this on
     their bijector.
     """
     for b in (bijector, *bijector.submodules):
