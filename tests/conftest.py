@@ -99,6 +99,25 @@ def same_variable_set():
     return same_variables
 
 
+def expected_conditioning(event_shape, mask, flip):
+    """The conditioning entries each coupling mask promises, computed independently of the implementation."""
+    if len(event_shape) == 1:
+        (d,) = event_shape
+        keep = np.arange(d) < d // 2 if mask == "half" else np.arange(d) % 2 == 0
+    elif mask == "channel":
+        keep = np.broadcast_to(np.arange(event_shape[2]) < event_shape[2] // 2, event_shape)
+    else:
+        h, w, c = event_shape
+        keep = np.broadcast_to(((np.arange(h)[:, None] + np.arange(w)[None, :]) % 2 == 0)[..., None], (h, w, c))
+    return ~keep if flip else keep
+
+
+@pytest.fixture(scope="session")
+def conditioning_mask():
+    """The `expected_conditioning` helper, as a fixture."""
+    return expected_conditioning
+
+
 @pytest.fixture(scope="session")
 def moons_entropy_coarse():
     """Exact two-moons entropy on a 0.02 grid with 400 positions per arc (5x cheaper than the defaults).
