@@ -77,6 +77,14 @@ BIJECTORS = {
 }
 
 
+def test_fit_before_compile_says_to_compile():
+    model = FlowModel(_vector())  # a flow of its own: the module's shared one must stay untrained
+    with pytest.raises(RuntimeError, match=r"Call `model.compile\(\)` before `fit`"):
+        model.fit(np.zeros((8, 2), np.float32), epochs=1, verbose=0)
+    model.compile()
+    model.fit(np.zeros((8, 2), np.float32), epochs=1, verbose=0)  # and the same call works once compiled
+
+
 @pytest.mark.parametrize("method", ["forward", "inverse", "forward_log_det_jacobian", "inverse_log_det_jacobian"])
 @pytest.mark.parametrize("kind", list(BIJECTORS))
 def test_bijectors_reject_wrong_event_shape(kind, method):

@@ -394,6 +394,10 @@ class FlowModel(keras.Model):
         (`bits_per_dim`) is that mean over all the data; `loss` is, as in Keras, the average of the batches'
         losses.
         """
+        if not self.compiled:
+            # Keras would fail later on the missing `optimizer` attribute, naming neither the cause nor the fix.
+            raise RuntimeError("Call `model.compile()` before `fit`: FlowModel.compile() with no arguments uses Adam "
+                               "with a warmup-and-cosine schedule sized by fit (tfp_nvp.WarmupCosineDecay).")
         self._build_optimizer_before_the_first_step()
         callbacks = self._with_schedule_sizing(callbacks)
         validation_data = _flow_validation_data(validation_data)
