@@ -144,3 +144,29 @@ def test_no_function_is_longer_than_80_lines_of_code():
                 if count > MAX_FUNCTION_LINES:
                     long.append(f"{module}.{node.name}: {count}")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines of code: {long}"
+
+
+# The public names of tfp_nvp before its modules moved into folders: each must keep importing from the package
+# root, and the module names users imported keep working.
+EARLIER_PUBLIC_NAMES = (
+    "ActNorm", "AffineCoupling", "ConditionalAffine", "ConditionedFlow", "FactorOut", "FlowLayer", "FlowModel",
+    "FusedAdam", "InverseAutoregressive", "Invertible1x1Conv", "InvertibleChain", "LeakyReLU", "LogitTransform",
+    "MaskedAutoregressive", "NegativeLogLikelihood", "OnChannels", "SplineCoupling", "Squeeze",
+    "WarmupCosineDecay", "condition", "conditional_kwargs", "data", "export_flow", "ffjord", "flow_bijectors",
+    "flow_layers", "glow", "iaf", "images", "initialize", "maf", "networks", "neutra_initial_state",
+    "neutra_kernel", "neutra_trace_fn", "real_nvp", "spline_flow", "standard_normal", "surrogate_posterior",
+)
+
+
+def test_earlier_public_names_and_modules_still_import():
+    import tfp_nvp
+    import tfp_nvp.data
+    import tfp_nvp.images
+    import tfp_nvp.networks
+
+    assert set(EARLIER_PUBLIC_NAMES) <= set(tfp_nvp.__all__)
+    for name in tfp_nvp.__all__:
+        assert getattr(tfp_nvp, name) is not None, name
+    for name in ("DenseNetwork", "ConvResNet", "MADE", "MaskedDense"):
+        assert getattr(tfp_nvp.networks, name) is getattr(tfp_nvp.nn, name), name
+    assert callable(tfp_nvp.initialize) and callable(tfp_nvp.data.two_moons) and callable(tfp_nvp.images.dequantize)
