@@ -1,4 +1,7 @@
-"""SplineCoupling and spline_flow: exact log-dets, identity start, linear tails, both doors, training, reload."""
+"""SplineCoupling and spline_flow: exact log-dets, identity start, linear tails, both doors, training, reload.
+
+The spline's own float32 exactness is tested in tests/test_spline_exact.py.
+"""
 
 from __future__ import annotations
 
@@ -184,9 +187,9 @@ def test_shares_the_coupling_machinery_and_instances_stay_distinct():
     # cache on): the untouched one stays the identity after the other's weights change.
     first, second = (SplineCoupling([2], hidden_units=(8,), num_bins=4, dtype=tf.float64) for _ in range(2))
     randomize_head(second, seed=4)
-    np.testing.assert_array_equal(first.forward(x), x)
+    np.testing.assert_allclose(first.forward(x), x, rtol=0, atol=1e-12)
     assert np.abs(second.forward(x).numpy() - x.numpy()).max() > 1e-3
-    np.testing.assert_array_equal(first.forward(x), x)
+    np.testing.assert_allclose(first.forward(x), x, rtol=0, atol=1e-12)
 
 
 def test_traced_log_prob_runs_the_network_once_with_eager_values():
@@ -209,7 +212,9 @@ def test_traced_log_prob_runs_the_network_once_with_eager_values():
     np.testing.assert_allclose(traced, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_couplings_share_one_traced_spline_and_xla_gets_it_inline():
+def test_spline_is_a_small_inline_graph_and_xla_gives_the_same_numbers():
+    """The package's spline is a few dozen elementwise ops, written inline in every coupling (TFP's, about 2200
+    ops in its gradient alone, needed one shared traced function per shape outside XLA; this one does not)."""
     flow = tfp_nvp.spline_flow([2], num_coupling_layers=2, hidden_units=(8,), num_bins=4, bound=BOUND, seed=0)
     y = tf.constant(np.random.default_rng(1).normal(size=(16, 2)), tf.float32)
     flow.log_prob(y)  # builds the networks
@@ -226,12 +231,10 @@ def test_couplings_share_one_traced_spline_and_xla_gets_it_inline():
                 if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
 
     plain = tf.function(step).get_concrete_function(y)
-    called = calls(plain.graph)
-    # Both couplings' splines and their gradients: one function each, called twice.
-    assert len(called) == 4 and len(set(called)) == 2, called
+    assert calls(plain.graph) == []
+    assert len(plain.graph.get_operations()) < 1500, len(plain.graph.get_operations())
     xla = tf.function(step, jit_compile=True).get_concrete_function(y)
     assert calls(xla.graph) == []
-    assert len(xla.graph.get_operations()) > 4 * len(plain.graph.get_operations())
 
     (loss, grads), (loss_x, grads_x) = plain(y), xla(y)
     eager_loss, eager_grads = step(y)

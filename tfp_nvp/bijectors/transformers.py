@@ -14,9 +14,6 @@ import numbers
 
 import numpy as np
 import tensorflow as tf
-from tensorflow_probability import bijectors as tfb
-
-from tfp_nvp._compat import in_xla_context
 
 __all__ = ["AffineTransformer", "LOG_SCALE_BOUNDS", "SplineTransformer", "Transformer", "as_transformer"]
 
@@ -187,27 +184,115 @@ class AffineTransformer(Transformer):
 
 
 # ------------------------------------------------------------------------------------------------ spline
-def _rq_spline_ops(flat, widths, heights, knot_slopes, bound, inverse, with_output):
-    """TFP's spline (or its inverse) at `flat` and its elementwise log-det; every argument but `flat` is per element."""
-    spline = tfb.RationalQuadraticSpline(widths, heights, knot_slopes, range_min=tf.constant(-bound, widths.dtype))
-    if inverse:
-        out = spline.inverse(flat) if with_output else None
-        log_det = spline.inverse_log_det_jacobian(flat, event_ndims=0)
-    else:
-        out = spline.forward(flat) if with_output else None
-        log_det = spline.forward_log_det_jacobian(flat, event_ndims=0)
-    return out, log_det
+# The rational-quadratic spline of Durkan et al. (2019), "Neural Spline Flows", written here rather than taken
+# from `tfb.RationalQuadraticSpline`: TFP's float32 inverse is wrong by up to 2.9-7.3 on 15-65 % of points once
+# bins approach the minimum width (DESIGN.md §7; benchmarks/spline_inverse.py). What makes this one exact:
+# * the knots are a cumulative sum with the end knots set to exactly -B and +B, and the bins' widths and heights
+#   are the differences of those knots, so every bin ends where the next begins;
+# * the bin is found by counting the interior knots at or below the point: an index in [0, K - 1] by
+#   construction, whatever rounding did to the last knot;
+# * the in-bin coordinates are clamped to [0, 1], and points outside [-B, B] pass through with log-det 0;
+# * the inverse solves a xi^2 + b xi + c = 0 with every quantity written as a sum of non-negative terms where the
+#   textbook form subtracts (the derivation is in `_rq_inverse`), and takes each root in the form that does not
+#   cancel for the sign of b at hand.
+# Selection uses a one-hot mask instead of a gather: exact (one non-zero term per sum), cheap for the handful of
+# bins a spline has, and its gradient is a multiplication rather than a scatter. The whole map is a few dozen
+# elementwise ops, so every coupling writes it inline (no shared traced function, inside XLA or not).
 
 
-# TFP's spline is a large graph (about 2200 ops in its gradient alone), and a flow stacks many couplings of
-# identical shapes. As one traced function, the spline and its gradient are built once per shape and dtype and
-# called by every coupling, instead of being rebuilt in each: the two-moons spline recipe's first epoch (its
-# training and validation traces) fell from 28-31 s to 16-17 s, and later epochs got faster too (fewer graph
-# nodes to schedule). XLA must not see the shared function: a digits GLOW with spline couplings under
-# `jit_compile=True` took 107 s instead of 15 s for its first epoch and 150 s instead of 0.24 s for the next
-# (measured). Inside a jit-compiled trace (`in_xla_context()`) the spline's ops are written inline, as XLA
-# compiles the whole step anyway.
-_rq_spline = tf.function(_rq_spline_ops, autograph=False, reduce_retracing=True)
+def _rq_knots(widths, heights, knot_slopes, bound):
+    """Knot positions `[..., K + 1]` of x and y (ends exactly -B and B) and knot derivatives `[..., K + 1]`."""
+    dtype = widths.dtype
+    lo = tf.fill(tf.concat([tf.shape(widths)[:-1], [1]], 0), tf.constant(-bound, dtype))
+
+    def knots(sizes):
+        inner = tf.constant(-bound, dtype) + tf.math.cumsum(sizes[..., :-1], axis=-1)
+        inner = tf.clip_by_value(inner, -bound, bound)
+        return tf.concat([lo, inner, -lo], axis=-1)
+
+    ones = tf.ones_like(lo)
+    return knots(widths), knots(heights), tf.concat([ones, knot_slopes, ones], axis=-1)
+
+
+def _rq_bin(t, knots, bound):
+    """The point clamped to [-B, B], whether it was inside, and the one-hot mask of its bin `[..., K]`."""
+    inside = (t >= -bound) & (t <= bound)
+    t = tf.clip_by_value(t, -bound, bound)
+    index = tf.reduce_sum(tf.cast(t[..., None] >= knots[..., 1:-1], tf.int32), axis=-1)  # in [0, K - 1]
+    return t, inside, tf.one_hot(index, tf.shape(knots)[-1] - 1, dtype=t.dtype)
+
+
+def _rq_bin_values(mask, x_knots, y_knots, derivatives):
+    """Left knot, width, left knot height, height, slope of the chord and both knot derivatives of each point's bin."""
+    def pick(v):
+        return tf.reduce_sum(mask * v, axis=-1)
+
+    x0, y0 = pick(x_knots[..., :-1]), pick(y_knots[..., :-1])
+    w = pick(x_knots[..., 1:]) - x0
+    h = pick(y_knots[..., 1:]) - y0
+    d0, d1 = pick(derivatives[..., :-1]), pick(derivatives[..., 1:])
+    safe_w = tf.where(w > 0, w, tf.ones_like(w))
+    return x0, safe_w, y0, h, h / safe_w, d0, d1
+
+
+def _rq_log_slope(xi, s, d0, d1):
+    """log g'(x) at in-bin coordinate xi: s^2 (d1 xi^2 + 2 s xi (1 - xi) + d0 (1 - xi)^2) / den^2."""
+    one_minus = 1.0 - xi
+    cross = xi * one_minus
+    den = s * (xi * xi + one_minus * one_minus) + (d0 + d1) * cross  # = s + (d0 + d1 - 2 s) xi (1 - xi)
+    num = d1 * xi * xi + 2.0 * s * cross + d0 * one_minus * one_minus
+    return 2.0 * tf.math.log(s) + tf.math.log(num) - 2.0 * tf.math.log(den), den, cross
+
+
+def _rq_forward(x, params, bound, with_output=True):
+    """`(y, log g'(x))` of the spline with parameters `(widths, heights, knot_slopes)`; identity outside [-B, B]."""
+    x_knots, y_knots, derivatives = _rq_knots(*params, bound)
+    t, inside, mask = _rq_bin(x, x_knots, bound)
+    x0, w, y0, h, s, d0, d1 = _rq_bin_values(mask, x_knots, y_knots, derivatives)
+    xi = tf.clip_by_value((t - x0) / w, 0.0, 1.0)
+    log_slope, den, cross = _rq_log_slope(xi, s, d0, d1)
+    log_det = tf.where(inside, log_slope, tf.zeros_like(log_slope))
+    if not with_output:
+        return None, log_det
+    y = tf.minimum(y0 + h * (s * xi * xi + d0 * cross) / den, y0 + h)
+    return tf.where(inside, y, x), log_det
+
+
+def _rq_inverse(y, params, bound, with_output=True):
+    """`(x, log|dx/dy|)` of the spline's inverse; identity outside [-B, B].
+
+    With eta = (y - y0) / h in [0, 1], the in-bin coordinate xi solves (Durkan et al., eq. 6-8, divided by h)
+
+        a xi^2 + b xi + c = 0,  a = s - d0 + eta (d0 + d1 - 2 s),  b = d0 - eta (d0 + d1 - 2 s),  c = -s eta.
+
+    Here a + b = s, and with e = d0 (1 - eta) - d1 eta:  b = e + 2 s eta  and
+    b^2 - 4 a c = b^2 + 4 (s - b) s eta = e^2 + 4 s^2 eta (1 - eta)  >= 0, a sum of non-negative terms (the
+    textbook form subtracts 4 |a| |c| from b^2 when a < 0 and loses its digits). The root in [0, 1]:
+      b >= 0:  xi = 2 c / (-b - sqrt(disc)) = 2 s eta / (b + sqrt(disc))     (no cancellation: b, sqrt >= 0);
+      b < 0:   xi = (-b + sqrt(disc)) / (2 a) = (sqrt(disc) - b) / (2 (s - b))  (a = s - b > s > 0).
+    The first form is the same root for either sign of b (its denominator is never 0 while the knot slopes are
+    positive), but for b < 0 it subtracts sqrt(disc) ~ |b| from -b; the second form is used there.
+    """
+    x_knots, y_knots, derivatives = _rq_knots(*params, bound)
+    t, inside, mask = _rq_bin(y, y_knots, bound)
+    x0, w, y0, h, s, d0, d1 = _rq_bin_values(mask, x_knots, y_knots, derivatives)
+    safe_h = tf.where(h > 0, h, tf.ones_like(h))
+    eta = tf.clip_by_value((t - y0) / safe_h, 0.0, 1.0)
+    e = d0 * (1.0 - eta) - d1 * eta
+    b = e + 2.0 * s * eta
+    root = tf.sqrt(e * e + 4.0 * s * s * eta * (1.0 - eta))
+    positive = b >= 0
+    ones = tf.ones_like(b)
+    xi = tf.where(positive,
+                  tf.math.divide_no_nan(2.0 * s * eta, tf.where(positive, b + root, ones)),
+                  (root - b) / tf.where(positive, ones, 2.0 * (s - b)))
+    xi = tf.clip_by_value(xi, 0.0, 1.0)
+    log_slope = _rq_log_slope(xi, s, d0, d1)[0]
+    log_det = tf.where(inside, -log_slope, tf.zeros_like(log_slope))
+    if not with_output:
+        return None, log_det
+    x = tf.minimum(x0 + w * xi, x0 + w)
+    return tf.where(inside, x, y), log_det
 
 
 def _check_real(value, name: str, low: float | None = None, high: float | None = None,
@@ -229,7 +314,7 @@ def _check_real(value, name: str, low: float | None = None, high: float | None =
 
 
 class SplineTransformer(Transformer):
-    r"""A monotone rational-quadratic spline per element (Durkan et al., 2019), through `tfb.RationalQuadraticSpline`.
+    r"""A monotone rational-quadratic spline per element (Durkan et al., 2019), exact in float32.
 
     Each spline maps `[-bound, bound]` onto itself through `num_bins` bins and is the identity outside it
     (linear tails of slope 1, log-det 0), with slope 1 at both ends of the interval. The network gives
@@ -294,20 +379,11 @@ class SplineTransformer(Transformer):
         return widths, heights, knot_slopes
 
     def _call(self, t, params, inverse: bool, with_output: bool):
-        """The spline (or its inverse) at `t` and its elementwise log-det in the direction of the call.
-
-        Every element is one independent spline, so the batch and event axes are flattened into one before TFP
-        sees them: its bin search gathers with `batch_dims = rank - 1`, whose gradient costs graph ops per batch
-        axis (measured: fewer ops and faster tracing than with the natural shape).
-        """
+        """The spline (or its inverse) at `t` and its elementwise log-det in the direction of the call."""
         # A conditional input may carry more batch dimensions than `t`; the parameters have the broadcast ones.
         t = tf.broadcast_to(t, tf.shape(params[0])[:-1])
-        widths, heights, knot_slopes = (tf.reshape(p, [-1, p.shape[-1]]) for p in params)
-        flat = tf.reshape(t, [-1])
-        spline = _rq_spline_ops if in_xla_context() else _rq_spline
-        out, log_det = spline(flat, widths, heights, knot_slopes, self._bound, inverse, with_output)
-        shape = tf.shape(t)
-        return (None if out is None else tf.reshape(out, shape)), tf.reshape(log_det, shape)
+        spline = _rq_inverse if inverse else _rq_forward
+        return spline(t, params, self._bound, with_output)
 
     def forward(self, x, params):
         return self._call(x, params, inverse=False, with_output=True)
