@@ -19,7 +19,7 @@ class SplineCoupling(Coupling):
 
     The event is split by a mask into a conditioning part `x_a` and a transformed part `x_b`, exactly as in
     `AffineCoupling` (same masks, `flip`, networks, conditioning and batch handling); each entry of `x_b` goes
-    through its own monotone rational-quadratic spline (`tfb.RationalQuadraticSpline`) whose knots come from
+    through its own monotone rational-quadratic spline (the package's own, exact in float32) whose knots come from
     the network evaluated on `x_a`:
 
         forward (latent -> data):  y_a = x_a,  y_b = g(x_b; theta(x_a))
