@@ -39,9 +39,9 @@ def _private(symbol: str, why: str):
 
 # ------------------------------------------------------------------------------------------ TensorFlow
 _in_xla = _private("tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext", (
-    "knowing, while tracing, that XLA will compile the function: the spline coupling writes its ops inline "
-    "there instead of calling a shared tf.function, and DenseNetwork picks its tower layout. No public API says "
-    "whether a trace is jit-compiled; this is the test TensorFlow's own control flow uses"))
+    "knowing, while tracing, that XLA will compile the function: DenseNetwork picks its tower layout and "
+    "ConvResNet its small-image convolution path by it. No public API says whether a trace is jit-compiled; "
+    "this is the test TensorFlow's own control flow uses"))
 _could_possibly_record = _private("tensorflow.python.eager.record.could_possibly_record", (
     "knowing whether a gradient tape may record the ops being created (DenseNetwork runs its towers one after "
     "the other only when none does). Public tapes answer only for themselves (`tape.stop_recording` is per tape); "

@@ -185,8 +185,9 @@ class AffineTransformer(Transformer):
 
 # ------------------------------------------------------------------------------------------------ spline
 # The rational-quadratic spline of Durkan et al. (2019), "Neural Spline Flows", written here rather than taken
-# from `tfb.RationalQuadraticSpline`: TFP's float32 inverse is wrong by up to 2.9-7.3 on 15-65 % of points once
-# bins approach the minimum width (DESIGN.md §7; benchmarks/spline_inverse.py). What makes this one exact:
+# from `tfb.RationalQuadraticSpline`: once bins approach the minimum width, TFP's float32 inverse returns a point
+# in the wrong bin, whose image is off by up to 8, on 0.3-0.7 % of points (benchmarks/spline_inverse.py). What
+# makes this one backward stable (the returned point maps back to the given one to float32 rounding):
 # * the knots are a cumulative sum with the end knots set to exactly -B and +B, and the bins' widths and heights
 #   are the differences of those knots, so every bin ends where the next begins;
 # * the bin is found by counting the interior knots at or below the point: an index in [0, K - 1] by
