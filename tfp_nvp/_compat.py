@@ -235,7 +235,11 @@ UPSTREAM["keras.optimizers.Optimizer._learning_rate"] = (
 
 
 def learning_rate_schedule(optimizer):
-    """What `optimizer` holds as its learning rate: the schedule it was given, a variable, or None."""
+    """What `optimizer` holds as its learning rate: the schedule it was given, a variable, or None.
+
+    A `keras.optimizers.LossScaleOptimizer` (mixed float16) is looked through to the optimizer it wraps.
+    """
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
     return getattr(optimizer, "_learning_rate", None)  # noqa: SLF001 - see UPSTREAM
 
 

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from tfp_nvp.nn.made import MADE
+from tfp_nvp.nn.precision import network_dtype
 from tfp_nvp.bijectors._base import (
     KerasParameterizedBijector,
     NetworkContract,
@@ -64,7 +65,9 @@ class MaskedAutoregressive(KerasParameterizedBijector):
     layer or callable mapping `[N, D]` to `(shift, log_scale)` pairs of `[N, D]` (or one `[N, 2D]` tensor) may
     be given instead, but it must be autoregressive in some order for the sequential pass to invert the map.
     With `conditional_shape=[C]` the network is called as `network(u, conditional_input=c)`; pass `c` with
-    `bijector_kwargs={name: {"conditional_input": c}}` (see `tfp_nvp.conditional_kwargs`).
+    `bijector_kwargs={name: {"conditional_input": c}}` (see `tfp_nvp.conditional_kwargs`). The default MADE takes
+    the policy `tfp_nvp.nn.network_dtype(dtype)` (a mixed global policy for a float32 bijector); the network's
+    outputs are cast to `dtype` before the log-scale bound and the log-det.
 
     Every weight is visible to TFP (`trainable_variables`) and to Keras (`keras_layers`, tracked by
     `tfp_nvp.FlowModel`).
@@ -152,7 +155,7 @@ class MaskedAutoregressive(KerasParameterizedBijector):
         if network is None:
             return MADE(hidden_units=p["hidden_units"], event_size=self._size, input_order=p["input_order"],
                         conditional_size=conditional_size, activation=p["activation"], seed=p["seed"],
-                        dtype=dtype.name, name=f"{name}_made")
+                        dtype=network_dtype(dtype), name=f"{name}_made")
         if isinstance(network, MADE):
             if network.event_size is not None and network.event_size != self._size:
                 raise ValueError(

@@ -34,7 +34,8 @@ class ConditionalAffine(KerasParameterizedBijector):
       conditional_shape: `[m]`, the context vector's shape.
       network: maps `[N, m]` to `(shift, log_scale)` each `[N, prod(event_shape)]`, or to one tensor holding
         both (shift first). Default: a `tfp_nvp.nn.DenseNetwork(hidden_units)` (a zero-initialised dense
-        layer when `hidden_units` is empty), whose zero-initialised head makes a fresh map the identity.
+        layer when `hidden_units` is empty), whose zero-initialised head makes a fresh map the identity; its
+        dtype policy is `tfp_nvp.nn.network_dtype(dtype)`, and its outputs are cast to `dtype`.
       hidden_units: hidden widths of the default network; `()` gives a linear map of the context (enough for
         one-hot labels: one mean and scale per class, GLOW's choice).
 
@@ -88,9 +89,9 @@ class ConditionalAffine(KerasParameterizedBijector):
         if network is None:
             hidden = (hidden_units,) if isinstance(hidden_units, int) else tuple(hidden_units or ())
             if hidden:
-                network = nn.DenseNetwork(hidden, output_units=None, dtype=dtype.name, name=f"{name}_network")
+                network = nn.DenseNetwork(hidden, output_units=None, dtype=nn.network_dtype(dtype), name=f"{name}_network")
             else:
-                network = keras.layers.Dense(2 * size, kernel_initializer="zeros", dtype=dtype.name,
+                network = keras.layers.Dense(2 * size, kernel_initializer="zeros", dtype=nn.network_dtype(dtype),
                                              name=f"{name}_network")
         return self._contract.size(network)
 

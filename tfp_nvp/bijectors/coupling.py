@@ -65,7 +65,9 @@ class Coupling(KerasParameterizedBijector):
       transformer: a `Transformer`, or `"affine"` / `"spline"` for `AffineTransformer()` /
         `SplineTransformer()` with their defaults.
       network: the conditioner; `None` builds a `DenseNetwork(hidden_units)` (vectors) or a `ConvResNet`
-        (images, `max(hidden_units)` channels), both ending in a zero-initialised layer.
+        (images, `max(hidden_units)` channels), both ending in a zero-initialised layer, with the dtype policy
+        `tfp_nvp.nn.network_dtype(dtype)` (a mixed global policy for float32 couplings). Whatever the network
+        computes in, its outputs are cast to `dtype` before the transformer sees them.
       mask, flip: which entries condition (see above).
       hidden_units: sizes of the default network.
       conditional_shape: `[m]` to condition the network on a context vector.
@@ -198,11 +200,11 @@ class Coupling(KerasParameterizedBijector):
         # The default networks are left unsized: the contract gives them the widths this transformer needs.
         if network is None:
             if len(self._event_shape_) == 1:
-                network = nn.DenseNetwork(hidden_units, output_units=None, dtype=dtype.name,
+                network = nn.DenseNetwork(hidden_units, output_units=None, dtype=nn.network_dtype(dtype),
                                                 name=f"{name.rstrip('/')}_network")
             else:
                 width = hidden_units if isinstance(hidden_units, int) else max(hidden_units)
-                network = nn.ConvResNet(hidden_channels=width, output_channels=None, dtype=dtype.name,
+                network = nn.ConvResNet(hidden_channels=width, output_channels=None, dtype=nn.network_dtype(dtype),
                                               name=f"{name.rstrip('/')}_network")
         return self._contract.size(network)
 

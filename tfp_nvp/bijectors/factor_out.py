@@ -37,6 +37,7 @@ from tfp_nvp.bijectors._base import (
 )
 from tfp_nvp.bijectors._conditioning import broadcast_condition, missing_condition, unexpected_condition
 from tfp_nvp.bijectors._reuse import recall, remember
+from tfp_nvp.nn.precision import network_dtype
 
 __all__ = ["FactorOut", "OnChannels", "ContextConv"]
 
@@ -130,7 +131,10 @@ class FactorOut(KerasParameterizedBijector):
       network: maps `[N, H, W, k]` to `(mu, log_sigma)` each `[N, H, W, e]`, or to one tensor of `2e`
         channels (mu first). Default: a single zero-initialised 3x3 `keras.layers.Conv2D` (GLOW's split
         prior; a `Dense` layer for vectors), so a fresh layer is `N(0, 1)`. A `tfp_nvp.networks.ConvResNet`
-        / `DenseNetwork` with `output_channels` / `output_units` left `None` is sized here.
+        / `DenseNetwork` with `output_channels` / `output_units` left `None` is sized here. The prior's
+        layer is a network like a coupling's (it predicts parameters; the Gaussian density is the math): the
+        default one takes the policy `tfp_nvp.nn.network_dtype(dtype)`, so it computes in bfloat16 under a
+        mixed global policy, and its `(mu, log_sigma)` are cast to `dtype` before the density is formed.
       conditional_shape: `[m]` makes the prior conditional on a context vector `c`, `x_exit ~ N(mu(x_keep, c),
         sigma(x_keep, c)^2)`: the network is called as `network(x_keep, conditional_input=c)` (default: a
         `ContextConv`, the same zero-initialised convolution over `x_keep` with `c` appended at every
@@ -193,13 +197,13 @@ class FactorOut(KerasParameterizedBijector):
     def _setup_network(self, network, dtype, name):
         e = self._num_exit
         if network is None and self._conditional_shape is not None:
-            network = ContextConv(2 * e, dtype=dtype.name, name=f"{name}_prior")
+            network = ContextConv(2 * e, dtype=network_dtype(dtype), name=f"{name}_prior")
         elif network is None:
             if len(self._event_shape_) == 3:
                 network = keras.layers.Conv2D(2 * e, 3, padding="same", kernel_initializer="zeros",
-                                              dtype=dtype.name, name=f"{name}_prior")
+                                              dtype=network_dtype(dtype), name=f"{name}_prior")
             else:
-                network = keras.layers.Dense(2 * e, kernel_initializer="zeros", dtype=dtype.name,
+                network = keras.layers.Dense(2 * e, kernel_initializer="zeros", dtype=network_dtype(dtype),
                                              name=f"{name}_prior")
         return self._contract.size(network)
 

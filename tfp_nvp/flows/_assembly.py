@@ -17,7 +17,7 @@ import tensorflow_probability as tfp
 from tfp_nvp.bijectors.conv1x1 import Invertible1x1Conv
 from tfp_nvp.bijectors.leaky_relu import LeakyReLU
 from tfp_nvp.flows._base import _chain_type, _check_base, _Flow, _remember
-from tfp_nvp.nn import ConvResNet, DenseNetwork
+from tfp_nvp.nn import ConvResNet, DenseNetwork, network_dtype
 
 tfd = tfp.distributions
 
@@ -43,10 +43,10 @@ def conditioner(event_shape, hidden: Sequence[int], seed, name: str, *, activati
                 l2=0.0, num_blocks=2, dtype="float32"):
     """An unsized conditioner: a `DenseNetwork` for vectors, a `ConvResNet` of `max(hidden)` channels for images."""
     if len(event_shape) == 3:
-        return ConvResNet(hidden_channels=max(hidden), num_blocks=num_blocks, l2=l2, seed=seed, dtype=dtype,
+        return ConvResNet(hidden_channels=max(hidden), num_blocks=num_blocks, l2=l2, seed=seed, dtype=network_dtype(dtype),
                           name=name)
     return DenseNetwork(hidden, activation=activation, separate_towers=separate_towers, l2=l2, seed=seed,
-                        dtype=dtype, name=name)
+                        dtype=network_dtype(dtype), name=name)
 
 
 def coupling_layers(event_shape, num_layers: int, make_coupling: Callable, hidden: Sequence[int], *, mixing=None,

@@ -76,6 +76,11 @@ def maf(
     depth); rebuilding a layer's input is its sampling pass, so each layer's network then runs `D + 1` more
     times per training step.
 
+    Mixed precision: with a mixed global Keras policy (`keras.mixed_precision.set_global_policy("mixed_bfloat16")`
+    or `"mixed_float16"`) set before building, a float32 flow's networks take that policy (float32 weights,
+    low-precision compute; their outputs are cast back to float32), while the bijector math, parameter layers,
+    log-dets and `log_prob` stay float32; a float64 flow stays float64 (`tfp_nvp.nn.network_dtype`).
+
     Example:
       >>> flow = maf([2], num_layers=4, hidden_units=(32, 32))
       >>> flow.log_prob(flow.sample(3, seed=1)).shape

@@ -59,6 +59,10 @@ def ffjord(
     `tfp.vi` / a `tf.GradientTape` loop over `flow.trainable_variables` (again without `jit_compile`).
     `FlowModel` `.keras` files and weights files save and reload it exactly.
 
+    Mixed precision: the dynamics network keeps the flow's dtype even under a mixed global Keras policy: the
+    adaptive ODE solver's error control (`atol`, `rtol` ~1e-5) cannot work with bfloat16's ~3 significant
+    digits or float16's ~3.5 (its step size would chase the rounding noise).
+
     Example:
       >>> flow = ffjord([2], hidden_units=(32, 32))
       >>> flow.log_prob(flow.sample(3, seed=1)).shape

@@ -17,7 +17,7 @@ from tfp_nvp.bijectors.logit import LogitTransform
 from tfp_nvp.bijectors.spline import SplineCoupling
 from tfp_nvp.bijectors.squeeze import Squeeze
 from tfp_nvp.flows._base import _chain_type, _check_base, _flag, _Flow, _positive, _remember
-from tfp_nvp.nn import ConvResNet
+from tfp_nvp.nn import ConvResNet, network_dtype
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -87,6 +87,11 @@ def glow(
     training gradient rebuilds each step's input by inverting the flow instead of storing activations, so the
     activation memory of a training step stays flat in depth (about two extra passes of compute; gradients
     equal up to float32 reconstruction error; measured in benchmarks/memory.py).
+
+    Mixed precision: with a mixed global Keras policy (`keras.mixed_precision.set_global_policy("mixed_bfloat16")`
+    or `"mixed_float16"`) set before building, a float32 flow's networks take that policy (float32 weights,
+    low-precision compute; their outputs are cast back to float32), while the bijector math, parameter layers,
+    log-dets and `log_prob` stay float32; a float64 flow stays float64 (`tfp_nvp.nn.network_dtype`).
 
     Example:
       >>> flow = glow([8, 8, 1], num_levels=2, num_steps_per_level=2, hidden_channels=32)
@@ -203,7 +208,7 @@ class _GlowParts:
         """ActNorm -> invertible 1x1 convolution -> coupling, listed data side first."""
         prefix = f"{self.name}_l{index}_s{step}"
         net = ConvResNet(hidden_channels=self.hidden_channels, num_blocks=self.num_blocks, l2=self.l2,
-                         seed=self.next_seed(), dtype=self.dtype, name=f"{prefix}_net")
+                         seed=self.next_seed(), dtype=network_dtype(self.dtype), name=f"{prefix}_net")
         return [
             ActNorm(inner, dtype=self.dtype, validate_args=self.validate_args, name=f"{prefix}_actnorm"),
             Invertible1x1Conv(inner, lu_decomposed=self.lu_decomposed, seed=self.next_seed(), dtype=self.dtype,

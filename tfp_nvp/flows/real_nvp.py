@@ -64,6 +64,11 @@ def real_nvp(
     recomputed by inverting the flow step by step instead of from stored activations, so activation memory stays
     flat in depth (about two extra passes of compute; gradients equal up to float32 reconstruction error).
 
+    Mixed precision: with a mixed global Keras policy (`keras.mixed_precision.set_global_policy("mixed_bfloat16")`
+    or `"mixed_float16"`) set before building, a float32 flow's networks take that policy (float32 weights,
+    low-precision compute; their outputs are cast back to float32), while the bijector math, parameter layers,
+    log-dets and `log_prob` stay float32; a float64 flow stays float64 (`tfp_nvp.nn.network_dtype`).
+
     Example:
       >>> flow = real_nvp([2], num_coupling_layers=6, hidden_units=(64, 64))
       >>> flow.log_prob(flow.sample(3, seed=1)).shape

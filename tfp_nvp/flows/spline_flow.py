@@ -50,6 +50,11 @@ def spline_flow(
     `.keras` files and weights). `invertible_backprop=True` chains the couplings with
     `tfp_nvp.InvertibleChain`, as in `real_nvp`: training memory flat in depth for about two extra passes.
 
+    Mixed precision: with a mixed global Keras policy (`keras.mixed_precision.set_global_policy("mixed_bfloat16")`
+    or `"mixed_float16"`) set before building, a float32 flow's networks take that policy (float32 weights,
+    low-precision compute; their outputs are cast back to float32), while the bijector math, parameter layers,
+    log-dets and `log_prob` stay float32; a float64 flow stays float64 (`tfp_nvp.nn.network_dtype`).
+
     Example:
       >>> flow = spline_flow([2], num_coupling_layers=4, hidden_units=(64, 64), num_bins=8)
       >>> flow.log_prob(flow.sample(3, seed=1)).shape

@@ -362,10 +362,18 @@ class FlowModel(keras.Model):
         optimizer can be given instead, e.g. `tfp_nvp.FusedAdam(tfp_nvp.WarmupCosineDecay(), clipnorm=1.0)` (the
         same update rule, a third less CPU per step on the README quick start; opt-in because it leans on a
         private Keras method); other arguments are Keras'.
+
+        Mixed precision: the model keeps the flow's dtype (the loss is float32), so Keras' own test for a
+        `"mixed_float16"` model does not fire; instead, when any of the flow's layers computes in float16 (and
+        `auto_scale_loss` is left True), the optimizer is wrapped in `keras.optimizers.LossScaleOptimizer` here
+        unless it already is one, and Keras' train step scales the loss and unscales the gradients through it.
         """
         if optimizer is None:
             optimizer = keras.optimizers.Adam(WarmupCosineDecay())
         super().compile(optimizer=optimizer, **kwargs)
+        if kwargs.get("auto_scale_loss", True) and not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer) \
+                and any(layer.compute_dtype == "float16" for layer in self.flow_layers):
+            self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
 
     def compile_from_config(self, config):
         # Keras skips compiling on load when `compile` is overridden; this one keeps Keras' signature.
