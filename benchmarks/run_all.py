@@ -36,6 +36,7 @@ ROOT = HERE.parent
 BENCHMARKS = {
     "fit_speed": "fit_speed.py",
     "conv_xla": "conv_xla.py",
+    "mixed_precision": "mixed_precision.py",
     "two_moons": "two_moons.py",
     "distribute": "distribute.py",
     "throughput": "throughput.py",
