@@ -242,6 +242,7 @@ def pytest_terminal_summary(terminalreporter):
 # large models; `pytest -m "not slow"` leaves them out during development. CI runs everything.
 SLOW = (
     "test_examples.py", "test_benchmarks.py", "test_distribute.py", "test_determinism.py", "test_retracing.py",
+    "test_mixed_precision.py",
     "test_repo.py::test_quick_start_runs_as_written_and_trains",
     "test_ffjord.py::test_trains_as_a_tfp_vi_surrogate",
     "test_invertible_backprop.py::test_mirrored_fit_matches_single_device_standard_backprop",
