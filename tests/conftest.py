@@ -243,6 +243,8 @@ def pytest_terminal_summary(terminalreporter):
 SLOW = (
     "test_examples.py", "test_benchmarks.py", "test_distribute.py", "test_determinism.py", "test_retracing.py",
     "test_mixed_precision.py",
+    # files whose module fixtures train or export for 8-20 s before their first test
+    "test_resume.py", "test_ffjord.py", "test_export.py::test_serve_matches_in_process_log_prob",
     "test_repo.py::test_quick_start_runs_as_written_and_trains",
     "test_ffjord.py::test_trains_as_a_tfp_vi_surrogate",
     "test_invertible_backprop.py::test_mirrored_fit_matches_single_device_standard_backprop",
